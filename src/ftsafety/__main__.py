@@ -1,0 +1,3 @@
+from ftsafety.cli import main
+
+main()

