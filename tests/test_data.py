@@ -1,6 +1,5 @@
 """Data layer: strict JSONL reading, the papers' mix, templates, response-only labels."""
 
-import json
 
 import pytest
 

@@ -97,9 +97,10 @@ def resolve(spec: str) -> ModelSpec:
         if manifest.is_file():
             try:
                 data = json.loads(manifest.read_text())
-                return ModelSpec(
-                    base=data["base_model"], adapters=_resolve_adapters(path, data), source="run"
-                )
+                base = data["base_model"]
+                if data.get("base_relpath") and not Path(base).is_dir() and (path / data["base_relpath"]).is_dir():
+                    base = str((path / data["base_relpath"]).resolve())  # the run directory was moved
+                return ModelSpec(base=base, adapters=_resolve_adapters(path, data), source="run")
             except (json.JSONDecodeError, KeyError) as exc:
                 raise FtsafetyError(f"{manifest}: not a valid ftsafety run manifest ({exc})") from exc
         if (path / "config.json").is_file():

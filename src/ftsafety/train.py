@@ -103,12 +103,15 @@ def train_lora(
     device: str | None = "auto",
     trainer_cls: type[Trainer] = Trainer,
     trainer_kwargs: dict | None = None,
+    trainer_kwargs_fn=None,
     extra_config: dict | None = None,
     trust_remote_code: bool = False,
     quiet: bool = False,
 ) -> dict:
     """Merge `parent`'s adapters, attach a fresh LoRA, train it on `examples`, write a run directory.
 
+    `trainer_cls` is the hook for training-stage defenses (a `transformers.Trainer` subclass);
+    `trainer_kwargs` / `trainer_kwargs_fn(tokenizer=, model=)` give it its extra arguments.
     The run directory (written atomically) holds `adapter/` (peft format), `ftsafety_run.json`
     (base model + adapter chain: pass the directory as `--model` to the next stage),
     `config.yaml`, `metrics.jsonl` and `train_results.json`.
@@ -125,11 +128,14 @@ def train_lora(
         "train": dataclasses.asdict(train_cfg), "lora": dataclasses.asdict(lora), "n_examples": len(examples),
         "kinds": _count_kinds(examples), **(extra_config or {}),
     }
+    kwargs = dict(trainer_kwargs or {})
+    if trainer_kwargs_fn is not None:  # defenses that need the tokenizer/model (e.g. a second dataset)
+        kwargs.update(trainer_kwargs_fn(tokenizer=tok, model=model))
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         callback = RichTrainCallback(f"{stage}", metrics_path=tmp / "metrics.jsonl", disable=quiet)
         trainer = trainer_cls(
             model=model, args=training_args(train_cfg, dev, scratch), train_dataset=dataset,
-            data_collator=Collator(tok.pad_token_id), callbacks=[callback, _NaNGuard()], **(trainer_kwargs or {}),
+            data_collator=Collator(tok.pad_token_id), callbacks=[callback, _NaNGuard()], **kwargs,
         )
         trainer.remove_callback(PrinterCallback)  # the rich callback reports instead
         t0 = time.perf_counter()

@@ -1,0 +1,44 @@
+"""Option aliases and helpers shared by every command (defined once, as the hf CLI does)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Alias, hub id, model directory or ftsafety run directory.")]
+Data = Annotated[str, typer.Option("--data", help="builtin | hub | a directory laid out like ../shared/data.")]
+Template = Annotated[str, typer.Option(help="alpaca (Booster/Antidote) | alpaca-vaccine (Vaccine/Lisa) | chat.")]
+MaxLen = Annotated[int, typer.Option("--max-length", help="Maximum training sequence length in tokens.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (fp32 on CPU, bf16 on CUDA).")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write (default runs/<command>-<time>).")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model (off by default).")]
+LoraTargets = Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")]
+
+
+def _setup(verbose: bool, quiet: bool) -> None:
+    from ftsafety.console import setup_logging
+
+    setup_logging(verbose, quiet)
+
+
+def _default_out(command: str) -> Path:
+    return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _lora(r, alpha, dropout, targets):
+    from ftsafety.models import LoraSettings
+
+    return LoraSettings(r=r, alpha=alpha, dropout=dropout, targets=targets)
+
+
+def _done(out: Path, summary: dict) -> None:
+    typer.echo(
+        f"{summary['stage']}: {summary['steps']} steps, {summary['seconds']:.0f}s, loss {summary['train_loss']:.4f}; "
+        f"wrote {out} (pass it as --model to the next stage)"
+    )

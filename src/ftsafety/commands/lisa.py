@@ -1,0 +1,97 @@
+"""`finetune-lisa`: the user's fine-tune with Lisa (Bi-State Optimisation + proximal term) as the
+provider's fine-tuning-stage defense (Huang et al., NeurIPS 2024, arXiv 2405.18641; ALGORITHMS.md §3).
+
+Same options and defaults as `finetune`, plus Lisa's knobs; writes the same run directory. The
+alignment data is built like `align`'s (harmful prompt -> refusal plus a benign share).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ftsafety.commands.common import (
+    Data, Device, LoraTargets, MaxLen, Model, Out, Quiet, Seed, Template, Trust, Verbose,
+    _default_out, _done, _lora, _setup,
+)
+
+
+def finetune_lisa(
+    model: Model = "smollm2-135m",
+    data: Data = "builtin",
+    task: Annotated[str, typer.Option(help="Benign task: sst2 | ag_news | gsm8k.")] = "sst2",
+    n: Annotated[int, typer.Option("--n", help="Fine-tuning samples.")] = 1000,
+    harmful_ratio: Annotated[
+        float, typer.Option("--harmful-ratio", "-p", help="Share p of harmful samples.")
+    ] = 0.1,
+    template: Template = "alpaca",
+    max_length: MaxLen = 256,
+    epochs: float = 1.0,
+    max_steps: Annotated[int, typer.Option(help="> 0 overrides --epochs.")] = -1,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    scheduler: str = "constant",
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: LoraTargets = "attn",
+    device: Device = "auto",
+    out: Out = None,
+    seed: Seed = 42,
+    trust_remote_code: Trust = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    alignment_steps: Annotated[int, typer.Option(
+        help="Steps per alignment state; they replace user steps (the user data fixes the total).")] = 100,
+    finetune_steps: Annotated[int, typer.Option(help="Steps per fine-tuning state.")] = 900,
+    rho: Annotated[float, typer.Option(help="Proximal intensity rho (0 = plain BSO).")] = 1.0,
+    align_n: Annotated[int, typer.Option(
+        help="Alignment examples, built as `align` builds them (0 = none: plain fine-tune).")] = 300,
+    align_benign_ratio: Annotated[float, typer.Option(
+        help="Share of benign pairs in the alignment examples (as `align --benign-ratio`).")] = 0.3,
+):
+    """The user's fine-tune under Lisa: alternate alignment and fine-tuning states, pulled together by a
+    proximal term. The step budget is set by the user data (--epochs / --max-steps): alignment steps
+    take the place of user steps (the user batches of those steps are skipped), they are not extra."""
+    from ftsafety import data as D
+    from ftsafety.defenses.lisa import LisaConfig, LisaTrainer
+    from ftsafety.errors import FtsafetyError
+    from ftsafety.train import TrainConfig, train_lora
+
+    _setup(verbose, quiet)
+    dcfg = D.DataConfig(data=data, template=template, max_length=max_length)
+    tcfg = TrainConfig(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed,
+    )
+    lora = _lora(lora_r, lora_alpha, lora_dropout, lora_targets)
+    lcfg = LisaConfig(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho)
+    if align_n < 0:
+        raise FtsafetyError(f"--align-n must be >= 0, got {align_n}")
+    examples = D.finetune_mix(dcfg, task, n, harmful_ratio, seed)
+    align_examples = D.alignment_examples(dcfg, align_n, align_benign_ratio, seed) if align_n > 0 else []
+
+    def lisa_kwargs(tokenizer, model):
+        aset = D.SFTDataset(align_examples, tokenizer, dcfg) if align_examples else None
+        return {"alignment_dataset": aset, "lisa": lcfg}
+
+    out = out or _default_out("finetune-lisa")
+    lisa_config = {
+        "alignment_steps": alignment_steps, "finetune_steps": finetune_steps, "rho": rho,
+        "prox_start": lcfg.prox_start, "align_n": align_n, "align_benign_ratio": align_benign_ratio,
+    }
+    summary = train_lora(
+        stage="finetune-lisa", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,
+        lora=lora, device=device, trust_remote_code=trust_remote_code, quiet=quiet, trainer_cls=LisaTrainer,
+        trainer_kwargs_fn=lisa_kwargs,
+        extra_config={"task": task, "n": n, "harmful_ratio": harmful_ratio, "lisa": lisa_config},
+    )
+    _done(out, summary)
+
+
+def register(app) -> None:
+    app.command("finetune-lisa")(finetune_lisa)

@@ -1,0 +1,370 @@
+"""Antidote: post-fine-tuning one-shot pruning of "harmful" weights (ALGORITHMS.md §4).
+
+Huang et al., "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against
+Harmful Fine-tuning", ICML 2025, arXiv 2408.09600, code `git-disl/Antidote`.
+
+After the user's (possibly harmful) fine-tune, the Wanda importance score is computed on a
+re-alignment set of harmful prompt -> harmful answer pairs and the most important weights are
+zeroed (project page equations):
+
+    [h(w, D)]_j = |w_j| * ||X_j||_2            (Wanda score; X_j = column j of the layer inputs)
+    m = ArgTopK_alpha(h(w_hat, D_realign))     w_tilde = (1 - m) * w_hat
+
+As in the authors' code (`utils.py::prune_wanda_outlier`), by default
+  * the scored tensors are the lora_A / lora_B factors of the user's (last) LoRA adapter, every
+    earlier adapter merged into the base; lora_A sees the layer input, lora_B sees lora_A's output;
+  * ||X_j||_2^2 is Wanda's `scaler_row`: sum over all calibration tokens of X_j^2, divided by
+    the number of calibration sequences (WrappedGPT.add_batch with one sequence per call);
+  * the top-alpha comparison group is each output ROW of the score (Wanda's), and a row keeps its
+    int(cols * (1 - alpha)) lowest-scored entries (stable ascending sort), so it zeroes
+    cols - int(cols * (1 - alpha)) entries: ceil(alpha * cols) up to float rounding, not floor
+    (e.g. a rank-8 lora_B row at alpha 0.1 loses 1 entry, a 64-wide row loses 7).
+`scope="global"` is the paper's formula read literally (one ArgTopK over all scored weights, same
+count rule on the total, ties broken like the stable sort). `target="dense"` scores the merged
+weights of chosen linears instead (the code's `--full_finetuning True` uses q/k/v, our default).
+
+Where we differ from the original code, and why:
+  * One batched forward over the calibration set with hooks on every scored layer, instead of the
+    layer-by-layer "Catcher" loop at batch size 1. The original never applies a mask between
+    layers (masks are only collected, then applied at the end), so its per-layer inputs are those
+    of the unpruned model: exactly what one forward sees.
+  * Padding positions are not counted (the original feeds right-padded batches, so pad tokens add
+    to ||X_j||); only real tokens count here.
+  * Calibration size defaults to 500 (original 2000), capped by what the data source holds;
+    `calibration_n=0` is the original's `--sample_num 0` fallback: magnitude |W| only.
+  * The pruned adapter is written by masking the tensors of the adapter file itself (no peft
+    re-save), so untouched entries keep their bytes and dtype; ratio 0 is the identity, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ftsafety import data as D
+from ftsafety import models
+from ftsafety.errors import FtsafetyError
+from ftsafety.utils import (
+    atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_yaml,
+)
+
+log = logging.getLogger(__name__)
+
+PAPER = {
+    "title": "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning",
+    "venue": "ICML 2025", "arxiv": "2408.09600", "code": "git-disl/Antidote",
+}
+TARGETS = ("lora", "dense")
+SCOPES = ("row", "global")
+MASK_FILE = "mask.safetensors"
+SUMMARY_FILE = "antidote.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class AntidoteConfig:
+    ratio: float = field(
+        default=0.1, metadata={"help": "alpha, share of weights zeroed (code dense_ratio; 0.05-0.2)"}
+    )
+    target: str = field(
+        default="lora", metadata={"help": "lora: the user's LoRA factors (code); dense: merged (paper)"}
+    )
+    scope: str = field(
+        default="row", metadata={"help": "row: top-alpha per output row (code); global: one ArgTopK (paper)"}
+    )
+    calibration_n: int = field(
+        default=500, metadata={"help": "harmful calibration pairs (original 2000); 0 = |W| only"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "calibration forward batch size"})
+    dense_targets: str = field(
+        default="qkv", metadata={"help": "linears scored with target=dense (original: q, k, v)"}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio <= 1.0:
+            raise FtsafetyError(f"prune ratio must be in [0, 1], got {self.ratio}")
+        if self.target not in TARGETS:
+            raise FtsafetyError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.scope not in SCOPES:
+            raise FtsafetyError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.calibration_n < 0:
+            raise FtsafetyError(f"calibration size must be >= 0, got {self.calibration_n}")
+        if self.batch_size < 1:
+            raise FtsafetyError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and masks
+
+
+class InputNorms:
+    """Forward hooks that accumulate Wanda's `scaler_row` (sum of X_j^2 over real tokens, over the
+    number of sequences) for each given Linear. Call `batch(attention_mask)` before each forward."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]):
+        self.modules = modules
+        self.sumsq = {
+            n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for n, m in modules.items()
+        }
+        self.n_samples = 0
+        self.n_tokens = 0
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def batch(self, attention_mask: torch.Tensor) -> None:
+        self._mask = attention_mask.bool()
+        self.n_samples += attention_mask.shape[0]
+        self.n_tokens += int(self._mask.sum())
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1])
+            keep = self._mask.reshape(-1).to(flat.device)
+            if flat.shape[0] != keep.numel():
+                raise FtsafetyError(f"{name}: its input {tuple(x.shape)} does not line up with the batch's tokens")
+            # padding rows weigh 0 (cheaper than boolean indexing on CPU)
+            self.sumsq[name] += (flat.float().square() * keep.unsqueeze(1)).sum(0)
+        return hook
+
+    def __enter__(self) -> InputNorms:
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def scaler(self, name: str) -> torch.Tensor:
+        if self.n_samples == 0:
+            raise FtsafetyError("no calibration sequence was seen")
+        return self.sumsq[name] / self.n_samples
+
+
+def wanda_score(weight: torch.Tensor, scaler: torch.Tensor | None) -> torch.Tensor:
+    """S_ij = |W_ij| * sqrt(scaler_j); magnitude |W| when there is no calibration data."""
+    s = weight.detach().abs().float()
+    return s if scaler is None else s * torch.sqrt(scaler.to(s.device)).reshape(1, -1)
+
+
+def n_zeroed(n: int, ratio: float) -> int:
+    """How many of `n` entries the original zeroes: it keeps int(n * (1 - ratio)) of them."""
+    return n - int(n * (1 - ratio))
+
+
+def row_mask(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True on the top entries of each row (the code's stable ascending sort, lowest kept)."""
+    keep = int(score.shape[1] * (1 - ratio))
+    mask = torch.ones_like(score, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :keep], False)
+    return mask
+
+
+def global_masks(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """One ArgTopK over all scores (paper formula); ties resolved as a stable sort of the
+    concatenation would (later positions are zeroed first)."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    k = n_zeroed(flat.numel(), ratio)
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        threshold = torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values.to(flat.device)
+        chosen = flat > threshold
+        ties = torch.nonzero(flat == threshold).flatten()
+        need = k - int(chosen.sum())
+        chosen[ties[ties.numel() - need:]] = True
+    out, start = {}, 0
+    for name, s in scores.items():
+        out[name] = chosen[start:start + s.numel()].reshape(s.shape)
+        start += s.numel()
+    return out
+
+
+def wanda_masks(scores: dict[str, torch.Tensor], ratio: float, scope: str = "row") -> dict[str, torch.Tensor]:
+    """Boolean masks, True = weight to zero (the code's `bad_mask`)."""
+    if scope == "global":
+        return global_masks(scores, ratio)
+    return {name: row_mask(s, ratio) for name, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def calibrate(
+    model, modules: dict[str, torch.nn.Linear], examples: list[dict], tokenizer, data_cfg: D.DataConfig,
+    batch_size: int, quiet: bool = True,
+) -> InputNorms:
+    """One batched forward (no pruning in between) with input hooks on every scored Linear."""
+    from ftsafety.console import progress
+
+    dataset = D.SFTDataset(examples, tokenizer, data_cfg)
+    collate = D.Collator(tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    dev = next(model.parameters()).device
+    model.eval()
+    with InputNorms(modules) as rec, torch.inference_mode(), progress(disable=quiet) as bar:
+        task = bar.add_task("antidote calibration", total=len(dataset), info="")
+        for batch in loader:
+            rec.batch(batch["attention_mask"])
+            ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+            model(input_ids=ids, attention_mask=att, use_cache=False)
+            bar.advance(task, batch["input_ids"].shape[0])
+    for name in modules:
+        if not bool(rec.sumsq[name].any()) and rec.n_tokens:
+            log.warning("%s received no (non-zero) calibration input", name)
+    return rec
+
+
+def _lora_modules(peft_model, adapter_name: str = "default") -> dict[str, torch.nn.Linear]:
+    ends = (f".lora_A.{adapter_name}", f".lora_B.{adapter_name}")
+    return {n: m for n, m in peft_model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(ends)}
+
+
+def _module_type(name: str, target: str) -> str:
+    parts = name.split(".")
+    return f"{parts[-3]}.{parts[-2]}" if target == "lora" else parts[-1]
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def finetune_seconds(model: str) -> float | None:
+    """Training seconds of the fine-tuning run `model` (its train_results.json), to compare costs."""
+    path = Path(model).expanduser() / "train_results.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return float(json.loads(path.read_text())["seconds"])
+    return None
+
+
+def run_antidote(
+    cfg: AntidoteConfig, model: str, data_cfg: D.DataConfig, out_dir: str | Path, device: str = "auto",
+    seed: int = 42, trust_remote_code: bool = False, quiet: bool = False,
+) -> dict:
+    """Prune the fine-tuned `model` and write a run directory (atomically); returns the summary.
+
+    lora target: `adapter/` (the pruned last adapter, peft format) and a `ftsafety_run.json` whose
+    chain is the parent's with its last adapter replaced. dense target: `model/` (full model and
+    tokenizer) and a manifest with that directory as base model and no adapters. Both hold
+    `mask.safetensors` (True = zeroed, one tensor per pruned weight), `antidote.json`, `config.yaml`.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out_dir = check_writable_dir(out_dir)
+    seed_everything(seed)
+    dev = resolve_device(device)
+    spec = models.resolve(model)
+    if cfg.target == "lora" and not spec.adapters:
+        raise FtsafetyError(
+            f"{model} has no LoRA adapter to prune; pass a fine-tuning run directory or use --target dense"
+        )
+    examples = D.harmful_examples(data_cfg, "calibration")[: cfg.calibration_n] if cfg.calibration_n else []
+    if cfg.calibration_n and not examples:
+        raise FtsafetyError("the calibration set is empty")
+    t0 = time.perf_counter()
+    if cfg.target == "lora":
+        parent = models.ModelSpec(base=spec.base, adapters=spec.adapters[:-1], source=spec.source)
+        net, tok, _ = models.load(parent, device=dev, trust_remote_code=trust_remote_code)
+        last = spec.adapters[-1]
+        models.check_adapter_matches(last, net)
+        net = PeftModel.from_pretrained(net, last)
+        modules = _lora_modules(net)
+        if not modules:
+            raise FtsafetyError(f"{last}: no LoRA linear layers found to prune")
+    else:
+        net, tok, _ = models.load(spec, device=dev, trust_remote_code=trust_remote_code)
+        wanted = set(models.resolve_targets(net, cfg.dense_targets))
+        modules = {
+            n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted
+        }
+    net.eval()
+    load_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rec = calibrate(net, modules, examples, tok, data_cfg, cfg.batch_size, quiet) if examples else None
+    _sync(dev)
+    calibration_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        scores = {n: wanda_score(m.weight, rec.scaler(n) if rec else None) for n, m in modules.items()}
+        masks = wanda_masks(scores, cfg.ratio, cfg.scope)
+        del scores
+        if cfg.target == "dense":
+            for n, m in modules.items():
+                m.weight.masked_fill_(masks[n].to(m.weight.device), 0)
+    _sync(dev)
+    prune_seconds = time.perf_counter() - t0
+
+    # Mask keys: adapter state-dict keys (lora) or model parameter names (dense).
+    keyed = {
+        (n.rsplit(".", 1)[0] if cfg.target == "lora" else n) + ".weight": mk.cpu().contiguous()
+        for n, mk in masks.items()
+    }
+    by_type: dict[str, dict[str, int]] = {}
+    for n, mk in masks.items():
+        entry = by_type.setdefault(_module_type(n, cfg.target), {"zeroed": 0, "numel": 0})
+        entry["zeroed"] += int(mk.sum())
+        entry["numel"] += mk.numel()
+    zeroed, numel = sum(e["zeroed"] for e in by_type.values()), sum(e["numel"] for e in by_type.values())
+
+    t0 = time.perf_counter()
+    final = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        meta = {"ratio": str(cfg.ratio), "scope": cfg.scope, "target": cfg.target, "meaning": "true = zeroed"}
+        save_file(keyed, str(tmp / MASK_FILE), metadata=meta)
+        extra = {"stage": "antidote", "parent": model, "target": cfg.target}
+        if cfg.target == "lora":
+            src = Path(last) / ADAPTER_FILE
+            if not src.is_file():
+                raise FtsafetyError(f"{last}: no {ADAPTER_FILE} (only safetensors adapters can be pruned)")
+            shutil.copytree(last, tmp / "adapter")
+            with safe_open(str(src), framework="pt") as fh:
+                file_meta = fh.metadata()
+            state = load_file(str(src))
+            for key, mk in keyed.items():
+                if key not in state:
+                    raise FtsafetyError(f"{last}: tensor {key} of the adapter is not in {ADAPTER_FILE}")
+                state[key] = state[key].masked_fill(mk, 0)
+            save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata=file_meta)
+            manifest = models.run_manifest(parent, tmp / "adapter", final, extra)
+        else:
+            net.save_pretrained(tmp / "model", safe_serialization=True)
+            tok.save_pretrained(tmp / "model")
+            base = str((final / "model").resolve())
+            manifest = {"base_model": base, "base_relpath": "model", "adapters": [], **extra}
+        write_json(tmp / models.RUN_MANIFEST, manifest)
+        write_yaml(tmp / "config.yaml", {
+            "stage": "antidote", "parent": model, "parent_resolved": dataclasses.asdict(spec),
+            "antidote": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg), "device": str(dev),
+            "seed": seed,
+        })
+        ft_seconds = finetune_seconds(model)
+        summary = {
+            "stage": "antidote", "paper": PAPER, "target": cfg.target, "scope": cfg.scope, "ratio": cfg.ratio,
+            "n_calibration": len(examples), "n_positions": rec.n_tokens if rec else 0,
+            "zeroed": zeroed, "numel": numel, "zeroed_fraction": zeroed / numel if numel else 0.0,
+            "n_tensors": len(masks), "by_type": by_type,
+            "calibration_seconds": round(calibration_seconds, 4), "prune_seconds": round(prune_seconds, 4),
+            "load_seconds": round(load_seconds, 4), "save_seconds": round(time.perf_counter() - t0, 4),
+            "finetune_seconds": ft_seconds,
+            "cost_vs_finetune": (
+                round((calibration_seconds + prune_seconds) / ft_seconds, 4) if ft_seconds else None
+            ),
+            "environment": environment(),
+        }
+        write_json(tmp / SUMMARY_FILE, summary)
+    log.info("antidote: zeroed %d of %d weights in %d tensors -> %s", zeroed, numel, len(masks), out_dir)
+    return summary

@@ -1,0 +1,208 @@
+"""Booster: attenuating harmful perturbation during safety alignment (`align-booster`).
+
+Huang et al., "Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating
+Harmful Perturbation", ICLR 2025, arXiv 2409.01586, code git-disl/Booster (`trainer.py`,
+BoosterAlignmentTrainer).
+
+Objective: min_w f(w) + lam * (h(w) - h(w - alpha * grad h(w) / ||grad h(w)||)), f the alignment loss,
+h the loss on harmful (prompt, harmful answer) pairs. With the second-order term dropped (as in
+first-order MAML) each step's update direction is (Algorithm 1)
+    grad f(w) + lam * (grad h(w) - grad h(w - alpha * grad h(w) / ||grad h(w)||)),
+three forward/backward passes: h at w, h at the perturbed weights, f at w. `perturb_aware=True`
+computes grad f with Vaccine's hidden-state perturbation (4 passes), as the Booster code offers.
+Defaults: lam = 5, alpha = 0.1 (`smooth_align.sh`), rho = 5 for the perturb-aware mode
+(`smooth_align_perturb.sh`).
+
+Harmful data: `data.harmful_examples(cfg, "calibration")`, disjoint from the attack rows, in the
+same template, drawn with its own seeded generator in batches of the alignment batch size, cycling
+(the original draws batches of 10 = its alignment batch size from a RandomSampler DataLoader).
+
+Differences from the original code: the harmful gradients are taken with `torch.autograd.grad`
+(the original backpropagates into `.grad` and calls `model.zero_grad()`, which wipes earlier
+micro-batches under gradient accumulation); the perturbed weights are restored by copying back a
+stored copy rather than re-adding the step (no rounding drift); the harmful passes run under a
+forked RNG, so lam = 0 reproduces `align` exactly (dropout included); the harmful term is divided
+by the gradient-accumulation steps like the alignment loss, so accumulation averages it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ftsafety.defenses._perturb import (
+    PERTURB_AT,
+    MetricSums,
+    activation_perturbation,
+    add_to_outputs,
+    forked_rng,
+    global_norm,
+    perturb_targets,
+)
+from ftsafety.errors import FtsafetyError
+
+PAPER = {
+    "title": "Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation",
+    "venue": "ICLR 2025",
+    "arxiv": "2409.01586",
+    "code": "git-disl/Booster",
+}
+
+
+@dataclass
+class BoosterConfig:
+    lam: float = field(
+        default=5.0, metadata={"help": "lambda, regulariser intensity (smooth_align.sh default 5)."}
+    )
+    alpha: float = field(
+        default=0.1, metadata={"help": "alpha, step size of the simulated harmful perturbation (0.1)."}
+    )
+    perturb_aware: bool = field(
+        default=False, metadata={"help": "Also apply Vaccine's perturbation to the alignment pass."}
+    )
+    rho: float = field(
+        default=5.0, metadata={"help": "rho of the perturb-aware mode (smooth_align_perturb.sh default 5)."}
+    )
+    perturb_at: str = field(
+        default="attn", metadata={"help": "attn | layer: where the perturb-aware eps is added."}
+    )
+
+    def __post_init__(self):
+        for name in ("lam", "alpha", "rho"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise FtsafetyError(f"{name} must be a finite number >= 0, got {v}")
+        if self.perturb_at not in PERTURB_AT:
+            raise FtsafetyError(
+                f"unknown perturbation site {self.perturb_at!r}; choose one of {', '.join(PERTURB_AT)}"
+            )
+
+
+class CyclingBatches:
+    """Batches from a map-style dataset in a seeded random order, reshuffled each time it runs out
+    (the last batch of a pass may be smaller, like a DataLoader without drop_last). Never touches
+    the global RNG."""
+
+    def __init__(self, dataset, batch_size: int, collate, seed: int):
+        if len(dataset) == 0:
+            raise FtsafetyError("the harmful data set for Booster is empty")
+        self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> dict:
+        if not self.order:
+            self.order = torch.randperm(len(self.dataset), generator=self.generator).tolist()
+        idx, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return self.collate([self.dataset[i] for i in idx])
+
+
+class BoosterTrainer(Trainer):
+    """transformers.Trainer whose training step adds Booster's harmful-perturbation attenuation term."""
+
+    paper = PAPER
+
+    def __init__(
+        self,
+        *args,
+        harmful_dataset,
+        lam: float = 5.0,
+        alpha: float = 0.1,
+        perturb_aware: bool = False,
+        rho: float = 5.0,
+        perturb_at: str = "attn",
+        **kwargs,
+    ):
+        self.booster = BoosterConfig(
+            lam=lam, alpha=alpha, perturb_aware=perturb_aware, rho=rho, perturb_at=perturb_at
+        )
+        super().__init__(*args, **kwargs)
+        self.harmful = CyclingBatches(
+            harmful_dataset, self.args.per_device_train_batch_size, self.data_collator, seed=self.args.seed
+        )
+        self._extra = MetricSums()
+        self._sites: tuple[int, list[nn.Module]] | None = None
+
+    def _loss(self, model, inputs) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, dict(inputs))  # per-batch mean (no num_items_in_batch)
+
+    def harmful_gradients(self, model: nn.Module, harmful: dict, params: list[torch.Tensor]):
+        """grad h(w) and grad h(w - alpha * grad h(w) / ||grad h(w)||); weights restored exactly."""
+        h0 = self._loss(model, harmful)
+        g_h = _grads(h0, params)
+        norm = global_norm(g_h)
+        scale = self.booster.alpha / (norm + 1e-7)
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, g in zip(params, g_h):
+                    p.sub_(g * scale)
+            h1 = self._loss(model, harmful)
+            g_hp = _grads(h1, params)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        return g_h, g_hp, h0.detach(), h1.detach(), norm
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        harmful = self._prepare_inputs(self.harmful.next())
+        params = [p for p in model.parameters() if p.requires_grad]
+        with forked_rng(model):  # passes 1-2: the alignment pass below sees a plain SFT step's RNG
+            g_h, g_hp, h0, h1, h_norm = self.harmful_gradients(model, harmful, params)
+        self._extra.add(
+            booster_harmful_loss=h0, booster_harmful_loss_perturbed=h1, booster_harmful_grad_norm=h_norm
+        )
+        ctx = contextlib.nullcontext()
+        if self.booster.perturb_aware:  # Vaccine's pass 1 on the alignment batch
+            eps, a_norm, _ = activation_perturbation(
+                model, self._perturbation_sites(model), lambda: self._loss(model, inputs), self.booster.rho
+            )
+            self._extra.add(vaccine_grad_norm=a_norm)
+            ctx = add_to_outputs(eps)
+        with ctx:  # pass 3 (4): grad f into .grad, exactly as `align` does it
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        ga = (
+            getattr(self, "current_gradient_accumulation_steps", None)
+            or self.args.gradient_accumulation_steps
+        )
+        coef = self.booster.lam / ga
+        with torch.no_grad():
+            for p, a, b in zip(params, g_h, g_hp):
+                term = (a - b).mul_(coef).to(p.dtype)
+                if p.grad is None:
+                    if coef:
+                        p.grad = term
+                else:
+                    p.grad.add_(term)
+        return loss
+
+    def _perturbation_sites(self, model: nn.Module) -> list[nn.Module]:
+        if self._sites is None or self._sites[0] != id(model):
+            self._sites = (id(model), perturb_targets(model, self.booster.perturb_at))
+        return self._sites[1]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs get the defense terms, averaged since the last log
+            logs.update(self._extra.pop_means())
+        super().log(logs, start_time)
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def harmful_dataset(data_cfg, tokenizer):
+    """The harmful calibration pairs (disjoint from the attack data), tokenised like the alignment set."""
+    from ftsafety import data as D
+
+    return D.SFTDataset(D.harmful_examples(data_cfg, "calibration"), tokenizer, data_cfg)
