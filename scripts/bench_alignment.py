@@ -4,7 +4,8 @@ Run as:  python scripts/bench_alignment.py [--model smollm2-135m] [--batch-size 
          [--methods sft,vaccine,booster,booster-pa] [--max-length 256] [--device auto] [--threads N]
 
 One run, one model, one fixed alignment batch (and, for Booster, one fixed harmful calibration batch of
-the same size) for every method: `sft` (the `align` step), `vaccine` (2 passes, rho=2), `booster`
+the same size, cut to the alignment batch's length unless `--harmful-length natural`, so that every pass
+costs the same and the ratios show the algorithms' overhead) for every method: `sft` (the `align` step), `vaccine` (2 passes, rho=2), `booster`
 (3 passes, lam=5, alpha=0.1) and `booster-pa` (Booster + Vaccine, 4 passes). Each method starts from the
 same LoRA weights with its own AdamW. A step is training_step + optimizer step.
 
@@ -99,6 +100,11 @@ class Bench:
         )
         self.batch = self.collate([align[i] for i in range(len(align))])
         self.harmful = self.collate([self.harm_ds[i] for i in range(len(self.harm_ds))])
+        width = self.batch["input_ids"].shape[1]
+        if args.harmful_length == "match" and self.harmful["input_ids"].shape[1] > width:
+            self.harmful = {
+                k: v[:, :width] for k, v in self.harmful.items()
+            }  # same tokens per pass as `batch`
         self.runners: dict[str, dict] = {}
 
     def runner(self, method: str) -> dict:
@@ -174,6 +180,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--harmful-length",
+        choices=("match", "natural"),
+        default="match",
+        help="Cut the harmful batch to the alignment batch's length (match) or keep it (natural).",
+    )
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,6 +238,8 @@ def main() -> None:
                 str(args.warmup),
                 "--threads",
                 str(args.threads),
+                "--harmful-length",
+                args.harmful_length,
                 "--device",
                 args.device,
             ]
