@@ -6,7 +6,7 @@ DATA ?= $(if $(wildcard ../shared/data/beavertails/eval_prompts.jsonl),../shared
 RUNS ?= runs/demo
 DEMO_HS ?= 100
 
-.PHONY: install demo test test-slow bench-eval clean
+.PHONY: install demo test test-slow bench-eval bench-align bench-lisa bench-post clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
@@ -28,8 +28,19 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Benchmarks print ratios measured in one run (MODEL=tiny-llama for a quick look).
+MODEL ?= smollm2-135m
 bench-eval: install
-	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_eval.py --model $(MODEL)
+
+bench-align: install
+	$(PY) scripts/bench_alignment.py --model $(MODEL)
+
+bench-lisa: install
+	$(PY) scripts/bench_lisa.py --model $(MODEL)
+
+bench-post: install
+	$(PY) scripts/bench_post.py --model $(MODEL)
 
 clean:
 	rm -rf runs build *.egg-info src/*.egg-info

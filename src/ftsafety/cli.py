@@ -30,7 +30,7 @@ def align(
     model: Model = "smollm2-135m",
     data: Data = "builtin",
     n: Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")] = 300,
-    benign_ratio: Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")] = 0.3,
+    benign_ratio: Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")] = 0.5,
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 2.0,

@@ -52,7 +52,7 @@ def finetune_lisa(
     align_n: Annotated[int, typer.Option(
         help="Alignment examples, built as `align` builds them (0 = none: plain fine-tune).")] = 300,
     align_benign_ratio: Annotated[float, typer.Option(
-        help="Share of benign pairs in the alignment examples (as `align --benign-ratio`).")] = 0.3,
+        help="Share of benign pairs in the alignment examples (as `align --benign-ratio`).")] = 0.5,
 ):
     """The user's fine-tune under Lisa: alternate alignment and fine-tuning states, pulled together by a
     proximal term. The step budget is set by the user data (--epochs / --max-steps): alignment steps
