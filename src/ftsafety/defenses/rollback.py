@@ -91,12 +91,11 @@ class RollbackConfig:
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder-layer ModuleList (any decoder-only model) and its dotted name."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and n and len(mod) == n:
-            return name, mod
-    raise FtsafetyError(f"{type(model).__name__}: cannot find its {n} decoder layers")
+    """The decoder-layer ModuleList (found by the shared finder Vaccine uses) and its dotted name."""
+    from ftsafety.defenses._perturb import decoder_layers as find_layers
+
+    layers = find_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers), layers
 
 
 def resolve_layer(model, layer: int | None) -> int:
