@@ -21,7 +21,8 @@ app = typer.Typer(
 )
 
 from ftsafety.commands.common import (  # noqa: E402  shared option aliases and helpers
-    Data, Device, MaxLen, Model, Out, Quiet, Seed, Template, Trust, Verbose, _default_out, _done, _lora, _setup,
+    BenignRatio, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Seed, Template, Trust, Verbose,
+    _default_out, _done, _setup, _train_configs,
 )
 
 
@@ -30,11 +31,11 @@ def align(
     model: Model = "smollm2-135m",
     data: Data = "builtin",
     n: Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")] = 300,
-    benign_ratio: Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")] = 0.5,
+    benign_ratio: BenignRatio = 0.5,
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 2.0,
-    max_steps: Annotated[int, typer.Option(help="> 0 overrides --epochs.")] = -1,
+    max_steps: MaxSteps = -1,
     batch_size: int = 8,
     grad_accum: int = 1,
     lr: float = 1e-3,
@@ -44,7 +45,7 @@ def align(
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
-    lora_targets: Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")] = "attn",
+    lora_targets: LoraTargets = "attn",
     device: Device = "auto",
     out: Out = None,
     seed: Seed = 42,
@@ -53,14 +54,12 @@ def align(
     verbose: Verbose = False,
 ):
     """SFT safety alignment: train a LoRA on (harmful prompt, refusal) pairs."""
+    opts = dict(locals())
     from ftsafety import data as D
-    from ftsafety.train import TrainConfig, train_lora
+    from ftsafety.train import train_lora
 
     _setup(verbose, quiet)
-    dcfg = D.DataConfig(data=data, template=template, max_length=max_length)
-    tcfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                       scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed)
-    lora = _lora(lora_r, lora_alpha, lora_dropout, lora_targets)
+    dcfg, tcfg, lora = _train_configs(opts)
     examples = D.alignment_examples(dcfg, n, benign_ratio, seed)
     out = out or _default_out("align")
     summary = train_lora(stage="align", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,
@@ -79,7 +78,7 @@ def finetune(
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 1.0,
-    max_steps: Annotated[int, typer.Option(help="> 0 overrides --epochs.")] = -1,
+    max_steps: MaxSteps = -1,
     batch_size: int = 8,
     grad_accum: int = 1,
     lr: float = 1e-4,
@@ -89,7 +88,7 @@ def finetune(
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
-    lora_targets: Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")] = "attn",
+    lora_targets: LoraTargets = "attn",
     device: Device = "auto",
     out: Out = None,
     seed: Seed = 42,
@@ -98,14 +97,12 @@ def finetune(
     verbose: Verbose = False,
 ):
     """The user's fine-tune (the attack at p > 0): merge the model's adapters, train a new LoRA on the mix."""
+    opts = dict(locals())
     from ftsafety import data as D
-    from ftsafety.train import TrainConfig, train_lora
+    from ftsafety.train import train_lora
 
     _setup(verbose, quiet)
-    dcfg = D.DataConfig(data=data, template=template, max_length=max_length)
-    tcfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                       scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed)
-    lora = _lora(lora_r, lora_alpha, lora_dropout, lora_targets)
+    dcfg, tcfg, lora = _train_configs(opts)
     examples = D.finetune_mix(dcfg, task, n, harmful_ratio, seed)
     out = out or _default_out("finetune")
     summary = train_lora(stage="finetune", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,

@@ -13,9 +13,12 @@ from typing import Annotated
 import typer
 
 from ftsafety.commands.common import (
+    BenignRatio,
     Data,
     Device,
+    LoraTargets,
     MaxLen,
+    MaxSteps,
     Model,
     Out,
     Quiet,
@@ -25,27 +28,21 @@ from ftsafety.commands.common import (
     Verbose,
     _default_out,
     _done,
-    _lora,
     _setup,
+    _train_configs,
 )
 
 Rho = Annotated[float, typer.Option("--rho", help="Vaccine's rho: norm of the hidden-state perturbation.")]
 N = Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")]
-BenignRatio = Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")]
-MaxSteps = Annotated[int, typer.Option(help="> 0 overrides --epochs.")]
-Targets = Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")]
 
 
 def _train(stage: str, o: dict, defense_cfg, trainer_cls, kwargs: dict, kwargs_fn=None, extra=None):
     """What `align` does (same data, config and run directory), with a defense's Trainer subclass
     plugged into `train_lora`. `o` holds the options shared with `align`."""
     from ftsafety import data as D
-    from ftsafety.train import TrainConfig, train_lora
+    from ftsafety.train import train_lora
 
-    dcfg = D.DataConfig(data=o["data"], template=o["template"], max_length=o["max_length"])
-    tcfg = TrainConfig(**{k: o[k] for k in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler",
-                                              "warmup_ratio", "weight_decay", "seed")})
-    lora = _lora(o["lora_r"], o["lora_alpha"], o["lora_dropout"], o["lora_targets"])
+    dcfg, tcfg, lora = _train_configs(o)
     examples = D.alignment_examples(dcfg, o["n"], o["benign_ratio"], o["seed"])
     extra = extra(dcfg) if callable(extra) else (extra or {})  # may read data: before the model loads
     out = o["out"] or _default_out(stage)
@@ -77,7 +74,7 @@ def align_vaccine(
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
-    lora_targets: Targets = "attn",
+    lora_targets: LoraTargets = "attn",
     rho: Rho = 2.0,
     perturb_at: Annotated[
         str,
@@ -119,7 +116,7 @@ def align_booster(
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
-    lora_targets: Targets = "attn",
+    lora_targets: LoraTargets = "attn",
     lam: Annotated[
         float, typer.Option("--lam", help="lambda: weight of the harmful-perturbation attenuation term.")
     ] = 5.0,

@@ -19,6 +19,10 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with a hub model (off by default).")]
 LoraTargets = Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")]
+MaxSteps = Annotated[int, typer.Option(help="> 0 overrides --epochs.")]
+BenignRatio = Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")]
+
+_TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio", "weight_decay", "seed")
 
 
 def _setup(verbose: bool, quiet: bool) -> None:
@@ -29,6 +33,16 @@ def _setup(verbose: bool, quiet: bool) -> None:
 
 def _default_out(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train_configs(opts: dict):
+    """(DataConfig, TrainConfig, LoraSettings) from the options every training command shares, by name."""
+    from ftsafety.data import DataConfig
+    from ftsafety.train import TrainConfig
+
+    dcfg = DataConfig(data=opts["data"], template=opts["template"], max_length=opts["max_length"])
+    tcfg = TrainConfig(**{k: opts[k] for k in _TRAIN_KEYS})
+    return dcfg, tcfg, _lora(opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"], opts["lora_targets"])
 
 
 def _lora(r, alpha, dropout, targets):

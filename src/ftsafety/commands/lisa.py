@@ -13,7 +13,7 @@ import typer
 
 from ftsafety.commands.common import (
     Data, Device, LoraTargets, MaxLen, Model, Out, Quiet, Seed, Template, Trust, Verbose,
-    _default_out, _done, _lora, _setup,
+    _default_out, _done, _setup, _train_configs,
 )
 
 
@@ -57,18 +57,14 @@ def finetune_lisa(
     """The user's fine-tune under Lisa: alternate alignment and fine-tuning states, pulled together by a
     proximal term. The step budget is set by the user data (--epochs / --max-steps): alignment steps
     take the place of user steps (the user batches of those steps are skipped), they are not extra."""
+    opts = dict(locals())
     from ftsafety import data as D
     from ftsafety.defenses.lisa import LisaConfig, LisaTrainer
     from ftsafety.errors import FtsafetyError
-    from ftsafety.train import TrainConfig, train_lora
+    from ftsafety.train import train_lora
 
     _setup(verbose, quiet)
-    dcfg = D.DataConfig(data=data, template=template, max_length=max_length)
-    tcfg = TrainConfig(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        scheduler=scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed,
-    )
-    lora = _lora(lora_r, lora_alpha, lora_dropout, lora_targets)
+    dcfg, tcfg, lora = _train_configs(opts)
     lcfg = LisaConfig(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho)
     if align_n < 0:
         raise FtsafetyError(f"--align-n must be >= 0, got {align_n}")
