@@ -40,7 +40,8 @@ import time
 import torch
 
 METHODS = ("sft", "vaccine", "booster", "booster-pa")
-TARGETS = {"vaccine": 2.2, "booster": 3.3}
+TARGETS = {"vaccine": 2.05, "booster": 3.05}  # issue #9
+PASSES = {"sft": 1, "vaccine": 2, "booster": 3, "booster-pa": 4}  # forward+backward passes per step
 
 
 def _trainer_spec(method: str):
@@ -170,7 +171,7 @@ class Bench:
         return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20, "memory_measure": how}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="builtin")
@@ -188,30 +189,35 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.memory_child:  # CPU memory: one fresh process per method
-        print(json.dumps(Bench(args).memory(args.memory_child)))
-        return
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if any(m not in METHODS for m in methods) or args.steps < 1 or args.warmup < 0:
-        sys.exit(f"error: --methods must be among {', '.join(METHODS)}, --steps >= 1, --warmup >= 0")
+    return ap
+
+
+def run(model: str = "smollm2-135m", data: str = "builtin", batch_size: int = 8, max_length: int = 256,
+        steps: int = 6, warmup: int = 2, methods=METHODS, device: str = "auto", harmful_length: str = "match",
+        threads: int = 0) -> dict:
+    """Step times (interleaved rounds, median) and peak memory of each method; ratios to SFT."""
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if any(m not in METHODS for m in methods) or steps < 1 or warmup < 0:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, steps >= 1, warmup >= 0")
     methods = ["sft"] + [m for m in methods if m != "sft"]
+    if threads > 0:
+        torch.set_num_threads(threads)
+    args = argparse.Namespace(model=model, data=data, batch_size=batch_size, max_length=max_length, steps=steps,
+                              warmup=warmup, device=device, harmful_length=harmful_length, threads=threads)
     bench = Bench(args)
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for i in range(args.warmup + args.steps):
+    for i in range(warmup + steps):
         for m in methods:
             secs = bench.step(m)
-            if i >= args.warmup:
+            if i >= warmup:
                 times[m].append(secs)
     report = {
-        "model": args.model,
+        "model": model,
         "device": str(bench.dev),
         "threads": torch.get_num_threads(),
         "batch_shape": list(bench.batch["input_ids"].shape),
         "harmful_batch_shape": list(bench.harmful["input_ids"].shape),
-        "warmup_rounds": args.warmup,
+        "warmup_rounds": warmup,
         "s_per_step": {m: [round(x, 4) for x in t] for m, t in times.items()},
     }
     if bench.dev.type == "cuda":
@@ -222,48 +228,59 @@ def main() -> None:
         mem = {}
         for m in methods:
             cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--memory-child",
-                m,
-                "--model",
-                args.model,
-                "--data",
-                args.data,
-                "--batch-size",
-                str(args.batch_size),
-                "--max-length",
-                str(args.max_length),
-                "--warmup",
-                str(args.warmup),
-                "--threads",
-                str(args.threads),
-                "--harmful-length",
-                args.harmful_length,
-                "--device",
-                args.device,
+                sys.executable, os.path.abspath(__file__), "--memory-child", m, "--model", model, "--data", data,
+                "--batch-size", str(batch_size), "--max-length", str(max_length), "--warmup", str(warmup),
+                "--threads", str(threads), "--harmful-length", harmful_length, "--device", device,
             ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
-                sys.exit(f"error: memory run of {m} failed:\n{res.stderr[-2000:]}")
+                raise RuntimeError(f"memory run of {m} failed:\n{res.stderr[-2000:]}")
             mem[m] = json.loads(res.stdout.strip().splitlines()[-1])
     med = {m: statistics.median(t) for m, t in times.items()}
-    print(json.dumps(report))
+    sft_extra = mem["sft"]["extra_mib"]
+    report.update(
+        median_s_per_step={m: round(v, 4) for m, v in med.items()},
+        step_ratio_to_sft={m: round(med[m] / med["sft"], 4) for m in methods},
+        # spread of the per-round ratios (method's step / SFT's step of the same round): the timing noise
+        step_ratio_range={m: [round(min(a / b for a, b in zip(times[m], times["sft"])), 4),
+                              round(max(a / b for a, b in zip(times[m], times["sft"])), 4)] for m in methods},
+        passes={m: PASSES[m] for m in methods},
+        memory=mem,
+        memory_ratio_to_sft={
+            m: (round(mem[m]["extra_mib"] / sft_extra, 4) if sft_extra > 0 else None) for m in methods
+        },
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = _parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:  # CPU memory: one fresh process per method
+        print(json.dumps(Bench(args).memory(args.memory_child)))
+        return None
+    try:
+        report = run(args.model, args.data, args.batch_size, args.max_length, args.steps, args.warmup, args.methods,
+                     args.device, args.harmful_length, args.threads)
+    except (ValueError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
+    mem, med = report["memory"], report["median_s_per_step"]
+    print(json.dumps({k: v for k, v in report.items() if k not in ("memory",)}))
     print(f"memory: {mem['sft']['memory_measure']}; extra = peak minus memory before the first step")
     print(
         f"{'method':11s} {'s/step':>8s} {'x SFT':>6s} {'target':>11s} {'peak MiB':>9s} {'extra MiB':>10s} {'x SFT':>6s}"
     )
-    for m in methods:
-        ratio = med[m] / med["sft"]
+    for m in med:
+        ratio = report["step_ratio_to_sft"][m]
         target = TARGETS.get(m)
         mark = "" if target is None else f"<={target} " + ("ok" if ratio <= target else "MISS")
-        mem_ratio = (
-            mem[m]["extra_mib"] / mem["sft"]["extra_mib"] if mem["sft"]["extra_mib"] > 0 else float("nan")
-        )
+        mem_ratio = report["memory_ratio_to_sft"][m]
         print(
             f"{m:11s} {med[m]:8.3f} {ratio:6.2f} {mark:>11s} {mem[m]['peak_mib']:9.1f} "
-            f"{mem[m]['extra_mib']:10.1f} {mem_ratio:6.2f}"
+            f"{mem[m]['extra_mib']:10.1f} {mem_ratio if mem_ratio is not None else float('nan'):6.2f}"
         )
+    return report
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ Both trainers are built on the same LoRA model; each timed step is one `training
 backward, and for Lisa the state check, alignment-batch swap and proximal gradient) plus gradient
 clipping and the optimizer/scheduler step, i.e. what the Trainer's loop does per step. The two
 trainers take turns step by step (order alternating), so a load change on a shared machine hits both
-alike; the figure printed is the median of the per-step ratios lisa/finetune (target <= 1.1x), with
+alike; the figure printed is the median of the per-step ratios lisa/finetune (target <= 1.02x), with
 the medians and minima of each. Every example (user and alignment set) is the same formatted sample,
 so every batch has the same content and shape. The proximal term is on from the second step
 (prox_start 0). The cost of the proximal-gradient update alone is also timed directly.
+
+Peak memory (as scripts/bench_alignment.py measures it): on CPU each trainer runs --warmup + 1 steps
+alone in a fresh subprocess, `extra` = peak RSS (VmHWM, reset through /proc/self/clear_refs after
+loading) minus RSS before the first step; on CUDA torch.cuda.max_memory_allocated above the memory
+allocated before the first step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -64,7 +70,70 @@ def _time_proximal(trainer: LisaTrainer, dev: torch.device, reps: int = 20) -> f
     return (time.perf_counter() - t0) / reps
 
 
-def main() -> None:
+class _Setup:
+    """The shared LoRA model, the fixed batch and both trainers, ready to step."""
+
+    def __init__(self, model: str, batch_size: int, max_length: int, warmup: int, steps: int, alignment_steps: int,
+                 finetune_steps: int, rho: float, device: str, scratch: str):
+        self.dev = resolve_device(device)
+        seed_everything(0)
+        net, tok, _ = models.load(model, device=self.dev)
+        net = models.attach_lora(net, models.LoraSettings())
+        net.train()
+        dcfg = D.DataConfig(max_length=max_length)
+        example = D.finetune_mix(dcfg, "sst2", 1, 0.0, 0)[0]
+        self.dataset = D.SFTDataset([example] * (4 * batch_size), tok, dcfg)
+        collator = D.Collator(tok.pad_token_id)
+        self.batch = collator([self.dataset[i] for i in range(batch_size)])
+        lisa_cfg = LisaConfig(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho, prox_start=0.0)
+        total = warmup + steps
+        tcfg = TrainConfig(
+            max_steps=total, batch_size=batch_size, lr=1e-4, scheduler="constant",
+            warmup_ratio=0.0, weight_decay=0.0, logging_steps=10**6,
+        )
+        self.trainers = {
+            "finetune": Trainer(model=net, args=training_args(tcfg, self.dev, scratch), train_dataset=self.dataset,
+                                data_collator=collator),
+            "lisa": LisaTrainer(model=net, args=training_args(tcfg, self.dev, scratch), train_dataset=self.dataset,
+                                data_collator=collator, alignment_dataset=self.dataset, lisa=lisa_cfg),
+        }
+        # one autocast wrap of the shared model (bf16 on CUDA), as Trainer.train() would do
+        self.model = self.trainers["finetune"].accelerator.prepare_model(net)
+        for tr in self.trainers.values():
+            tr.create_optimizer_and_scheduler(num_training_steps=total)
+            tr.state.max_steps = total
+            tr.current_gradient_accumulation_steps = 1
+        _, self.num_items = self.trainers["finetune"].get_batch_samples(iter([self.batch]), 1, self.dev)
+
+    def step(self, name: str) -> float:
+        return _one_step(self.trainers[name], self.model, self.batch, self.num_items, self.dev)
+
+    def memory(self, name: str, warmup: int) -> dict:
+        """Peak memory of warmup + 1 steps of `name` alone (first thing in a fresh process on CPU)."""
+        from bench_alignment import _reset_peak_rss, _rss_kib
+
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            reset_ok = _reset_peak_rss()
+            base = _rss_kib() * 1024
+        for _ in range(warmup + 1):
+            self.step(name)
+        if cuda:
+            peak, how = torch.cuda.max_memory_allocated(), "CUDA max_memory_allocated"
+        else:
+            import resource
+
+            peak = (_rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+            how = "peak RSS (VmHWM after clear_refs)" if reset_ok else "ru_maxrss"
+        return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20, "memory_measure": how}
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -77,69 +146,97 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (0 = torch default); 1 keeps timings steady on a shared, loaded CPU.")
-    args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return ap
 
-    dev = resolve_device(args.device)
-    seed_everything(0)
-    model, tok, _ = models.load(args.model, device=dev)
-    model = models.attach_lora(model, models.LoraSettings())
-    model.train()
-    dcfg = D.DataConfig(max_length=args.max_length)
-    example = D.finetune_mix(dcfg, "sst2", 1, 0.0, 0)[0]
-    dataset = D.SFTDataset([example] * (4 * args.batch_size), tok, dcfg)
-    collator = D.Collator(tok.pad_token_id)
-    batch = collator([dataset[i] for i in range(args.batch_size)])
-    lisa_cfg = LisaConfig(
-        alignment_steps=args.alignment_steps, finetune_steps=args.finetune_steps, rho=args.rho, prox_start=0.0
-    )
-    total = args.warmup + args.steps
-    tcfg = TrainConfig(
-        max_steps=total, batch_size=args.batch_size, lr=1e-4, scheduler="constant",
-        warmup_ratio=0.0, weight_decay=0.0, logging_steps=10**6,
-    )
+
+def run(model: str = "smollm2-135m", batch_size: int = 8, max_length: int = 256, warmup: int = 2, steps: int = 8,
+        alignment_steps: int = 2, finetune_steps: int = 3, rho: float = 1.0, device: str = "auto", threads: int = 1,
+        memory: bool = True) -> dict:
+    """Paired step times of finetune and Lisa (alternating order), the proximal update alone, and peak memory."""
+    import os
+    import subprocess
+    import sys
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     times: dict[str, list[float]] = {"finetune": [], "lisa": []}
     with tempfile.TemporaryDirectory() as scratch:
-        trainers = {
-            "finetune": Trainer(model=model, args=training_args(tcfg, dev, scratch), train_dataset=dataset,
-                                data_collator=collator),
-            "lisa": LisaTrainer(model=model, args=training_args(tcfg, dev, scratch), train_dataset=dataset,
-                                data_collator=collator, alignment_dataset=dataset, lisa=lisa_cfg),
-        }
-        # one autocast wrap of the shared model (bf16 on CUDA), as Trainer.train() would do
-        model = trainers["finetune"].accelerator.prepare_model(model)
-        for tr in trainers.values():
-            tr.create_optimizer_and_scheduler(num_training_steps=total)
-            tr.state.max_steps = total
-            tr.current_gradient_accumulation_steps = 1
-        _, num_items = trainers["finetune"].get_batch_samples(iter([batch]), 1, dev)
-        for i in range(total):
+        st = _Setup(model, batch_size, max_length, warmup, steps, alignment_steps, finetune_steps, rho, device, scratch)
+        dev = st.dev
+        for i in range(warmup + steps):
             order = ("finetune", "lisa") if i % 2 == 0 else ("lisa", "finetune")
             for name in order:
-                secs = _one_step(trainers[name], model, batch, num_items, dev)
-                if i >= args.warmup:
+                secs = st.step(name)
+                if i >= warmup:
                     times[name].append(secs)
-        prox_s = _time_proximal(trainers["lisa"], dev)
-    paired = statistics.median(a / b for a, b in zip(times["lisa"], times["finetune"]))
+        prox_s = _time_proximal(st.trainers["lisa"], dev)
+        trainable = st.trainers["lisa"]._trainable()
+        tokens = len(st.dataset[0]["input_ids"])
+        mem: dict[str, dict] = {}
+        if memory and dev.type == "cuda":
+            mem = {name: st.memory(name, warmup) for name in ("finetune", "lisa")}
+        del st
+    if memory and dev.type != "cuda":
+        for name in ("finetune", "lisa"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--model", model,
+                   "--batch-size", str(batch_size), "--max-length", str(max_length), "--warmup", str(warmup),
+                   "--steps", str(steps), "--alignment-steps", str(alignment_steps),
+                   "--finetune-steps", str(finetune_steps), "--rho", str(rho), "--device", device,
+                   "--threads", str(threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory run of {name} failed:\n{res.stderr[-2000:]}")
+            mem[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    ratios = [a / b for a, b in zip(times["lisa"], times["finetune"])]
+    paired = statistics.median(ratios)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [paired, paired, paired]
     report = {
-        "model": args.model, "device": str(dev), "batch_size": args.batch_size,
-        "tokens_per_example": len(dataset[0]["input_ids"]),
-        "trainable_tensors": len(trainers["lisa"]._trainable()),
-        "trainable_params": sum(p.numel() for p in trainers["lisa"]._trainable().values()),
+        "model": model, "device": str(dev), "batch_size": batch_size,
+        "tokens_per_example": tokens,
+        "trainable_tensors": len(trainable),
+        "trainable_params": sum(p.numel() for p in trainable.values()),
         "timed_steps_per_trainer": len(times["lisa"]), "threads": torch.get_num_threads(),
         "finetune_s_per_step": {"median": round(med["finetune"], 4), "min": round(low["finetune"], 4)},
         "lisa_s_per_step": {"median": round(med["lisa"], 4), "min": round(low["lisa"], 4)},
         "proximal_update_ms": round(prox_s * 1e3, 3),
-        "ratio_paired_median": round(paired, 3),
-        "ratio_of_medians": round(med["lisa"] / med["finetune"], 3),
+        "proximal_share_of_step": round(prox_s / low["finetune"], 5),
+        "ratio_paired_median": round(paired, 4),
+        "ratio_paired_quartiles": [round(q[0], 4), round(q[2], 4)],
+        "ratio_of_medians": round(med["lisa"] / med["finetune"], 4),
     }
+    if mem:
+        report["memory"] = mem
+        base = mem["finetune"]["extra_mib"]
+        report["memory_ratio"] = round(mem["lisa"]["extra_mib"] / base, 4) if base > 0 else None
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = _parser().parse_args(argv)
+    if args.memory_child:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as scratch:
+            st = _Setup(args.model, args.batch_size, args.max_length, args.warmup, args.steps, args.alignment_steps,
+                        args.finetune_steps, args.rho, args.device, scratch)
+            print(json.dumps(st.memory(args.memory_child, args.warmup)))
+        return None
+    report = run(args.model, args.batch_size, args.max_length, args.warmup, args.steps, args.alignment_steps,
+                 args.finetune_steps, args.rho, args.device, args.threads, not args.no_memory)
     print(json.dumps(report, indent=2))
-    share = prox_s / low["finetune"] * 100
-    print(f"lisa / finetune step time: {paired:.3f}x (median of paired steps; target <= 1.1x); "
-          f"proximal update alone {prox_s * 1e3:.2f} ms = {share:.2f}% of a finetune step")
+    share = report["proximal_share_of_step"] * 100
+    print(f"lisa / finetune step time: {report['ratio_paired_median']:.3f}x (median of paired steps; target <= 1.02x); "
+          f"proximal update alone {report['proximal_update_ms']:.2f} ms = {share:.2f}% of a finetune step")
+    if report.get("memory_ratio") is not None:
+        print(f"lisa / finetune extra peak memory: {report['memory_ratio']:.2f}x")
+    return report
 
 
 if __name__ == "__main__":

@@ -214,3 +214,31 @@ def test_cli_end_to_end_then_evaluate(cli, tmp_path, tiny_data_dir):
     r = cli("prune-antidote", "--model", str(tmp_path / "ft"), "--ratio", "2", "--out", str(tmp_path / "bad"))
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "prune ratio must be in [0, 1]" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("alias", ALIASES)
+def test_fast_calibration_gives_the_same_masks(runs, alias, tiny_data_dir):
+    """Length-sorted batches and forwards stopped after the last scored layer: the same masks as whole
+    forwards in data order (the sums differ at most by float rounding; stopping alone changes no bit)."""
+    from peft import PeftModel
+
+    dcfg = D.DataConfig(data=str(tiny_data_dir), max_length=1024)
+    examples = [dict(e, output=e["output"] * (1 + i % 5)) for i, e in enumerate(D.harmful_examples(dcfg, "calibration")[:24])]
+    spec = models.resolve(str(runs[alias]))
+    parent = models.ModelSpec(base=spec.base, adapters=spec.adapters[:-1], source=spec.source)
+    net, tok, _ = models.load(parent, device="cpu")
+    net = PeftModel.from_pretrained(net, spec.adapters[-1])
+    dense, _, _ = models.load(alias, device="cpu")
+    for model, modules in ((net, A._lora_modules(net)),
+                           (dense, {n: m for n, m in dense.named_modules()
+                                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")})):
+        ref = A.calibrate(model, modules, examples, tok, dcfg, 4, sort_by_length=False, stop_early=False)
+        stop = A.calibrate(model, modules, examples, tok, dcfg, 4, sort_by_length=False, stop_early=True)
+        fast = A.calibrate(model, modules, examples, tok, dcfg, 4)
+        assert fast.stop_after is not None and fast.n_tokens == ref.n_tokens and fast.n_samples == ref.n_samples
+        assert all(torch.equal(stop.sumsq[n], ref.sumsq[n]) for n in modules)
+        assert all(torch.allclose(fast.sumsq[n], ref.sumsq[n], rtol=1e-5) for n in modules)
+        for scope in ("row", "global"):
+            masks = [A.wanda_masks({n: A.wanda_score(m.weight, rec.scaler(n)) for n, m in modules.items()}, 0.1, scope)
+                     for rec in (ref, fast)]
+            assert all(torch.equal(masks[0][n], masks[1][n]) for n in modules)

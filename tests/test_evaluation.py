@@ -116,3 +116,57 @@ def test_evaluate_writes_run_directory(tmp_path, tiny_data_dir):
     assert len(lines) == 13 and {"prompt", "response"} <= set(json.loads(lines[0]))
     assert (tmp_path / "ev" / "config.yaml").is_file()
     assert res["hs"] == saved["hs"]
+
+
+def _frequent_eos_tokenizer(model, tok, prompts):
+    """The tokenizer with EOS moved to a token the random model emits often, so rows finish at different
+    steps and the batch drops them as it goes."""
+    import collections
+    import copy
+
+    from ftsafety.evaluation.generate import generate_tokens
+
+    rows = generate_tokens(model, tok, prompts, 20, 1, engine="hf")
+    counts = collections.Counter(t for row in rows for t in row)
+
+    def spread(t):  # how many different steps rows would stop at
+        return len({row.index(t) if t in row else -1 for row in rows})
+
+    tok = copy.deepcopy(tok)
+    tok.eos_token = tok.convert_ids_to_tokens(max(counts, key=spread))
+    return tok
+
+
+@pytest.mark.parametrize("alias,early_eos", [("tiny-opt", False), ("tiny-llama", False), ("tiny-llama", True)])
+def test_fast_loop_equals_model_generate(alias, early_eos):
+    """Our greedy loop (finished rows dropped, reserved KV cache, the shared template prefix run once per
+    batch) gives model.generate's tokens, one prompt at a time or batched; with early_eos the rows stop at
+    different steps (tiny-opt's random weights emit one token only, so it never stops early)."""
+    from ftsafety.evaluation.generate import encode_prompts, generate_from_ids, generate_with_counts
+
+    model, tok, _ = models.load(alias, device="cpu")
+    prompts = [D.format_prompt({"instruction": f"Question {i} " + "xy z" * (i % 13)}, "alpaca") for i in range(16)]
+    if early_eos:
+        tok = _frequent_eos_tokenizer(model, tok, prompts)
+    enc = encode_prompts(tok, prompts)
+    single = generate_from_ids(model, tok, enc, 20, 1, engine="hf")  # the pred.py way
+    if early_eos:
+        assert len({len(t) for t in single}) > 2  # rows do finish at different steps
+    assert generate_from_ids(model, tok, enc, 20, 6, engine="hf") == single
+    for share in (False, True):
+        for bs in (1, 5, 16):
+            stats: dict = {}
+            assert generate_from_ids(model, tok, enc, 20, bs, share_prefix=share, stats=stats) == single
+            assert stats["prompt_tokens"] == sum(map(len, enc))
+            if share and bs > 1:  # the Alpaca header ran once per batch
+                assert stats["padded_prompt_tokens"] < stats["prompt_tokens"]
+    texts, counts = generate_with_counts(model, tok, prompts, 20, 5)
+    assert counts == [len(t) for t in single]
+    assert texts == [tok.decode(t, skip_special_tokens=True).strip() for t in single]
+
+
+def test_evaluate_counts_generated_tokens(tmp_path, tiny_data_dir):
+    cfg = EvalConfig(model="tiny-llama", data=D.DataConfig(data=str(tiny_data_dir)), hs_limit=5, fa_limit=0,
+                     or_limit=0, max_new_tokens=7, device="cpu")
+    res = evaluate(cfg, None, quiet=True)
+    assert res["generated_tokens_hs"] == 5 * 7  # the random model never emits EOS here

@@ -206,3 +206,32 @@ def test_cli_end_to_end_and_evaluate(tmp_path, tiny_data_dir, cli):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "overlap the first 9" in lines[0], r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_fa_metric_encodes_once_and_scores_as_generate():
+    """The task check encodes its prompts once and scores what the common evaluator's generate gives."""
+    from ftsafety.data import format_prompt
+    from ftsafety.evaluation.generate import generate
+    from ftsafety.evaluation.tasks import is_correct
+
+    model, tok = tiny.build("tiny-llama")
+    model = model.float().eval()
+    exs = [{"instruction": "Classify the sentiment.", "input": f"movie {i} " + "so good " * (i % 4), "output": "",
+            "gold": "positive" if i % 2 else "negative"} for i in range(10)]
+    calls = {"n": 0}
+    real = tok.__class__.__call__
+
+    def counting(self, *a, **kw):
+        calls["n"] += 1
+        return real(self, *a, **kw)
+
+    metric = R.fa_metric(tok, exs, "sst2", "alpaca", 5, batch_size=4)
+    tok.__class__.__call__ = counting
+    try:
+        scores = [metric(model) for _ in range(3)]
+    finally:
+        tok.__class__.__call__ = real
+    assert calls["n"] == 0  # no tokenising per check
+    outs = generate(model, tok, [format_prompt(e, "alpaca", tok) for e in exs], 5, 32, engine="hf")
+    want = 100.0 * sum(is_correct("sst2", o, e["gold"]) for o, e in zip(outs, exs)) / len(exs)
+    assert scores == [want] * 3

@@ -21,8 +21,8 @@ app = typer.Typer(
 )
 
 from ftsafety.commands.common import (  # noqa: E402  shared option aliases and helpers
-    BenignRatio, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Seed, Template, Trust, Verbose,
-    _default_out, _done, _setup, _train_configs,
+    BenignRatio, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Resume, Seed, Template, Trust, Verbose,
+    _common, _default_out, _done, _setup, _train_configs,
 )
 
 
@@ -48,6 +48,7 @@ def align(
     lora_targets: LoraTargets = "attn",
     device: Device = "auto",
     out: Out = None,
+    resume: Resume = False,
     seed: Seed = 42,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -55,17 +56,13 @@ def align(
 ):
     """SFT safety alignment: train a LoRA on (harmful prompt, refusal) pairs."""
     opts = dict(locals())
-    from ftsafety import data as D
-    from ftsafety.train import train_lora
+    from ftsafety import stages
 
     _setup(verbose, quiet)
-    dcfg, tcfg, lora = _train_configs(opts)
-    examples = D.alignment_examples(dcfg, n, benign_ratio, seed)
-    out = out or _default_out("align")
-    summary = train_lora(stage="align", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,
-                         lora=lora, device=device, trust_remote_code=trust_remote_code, quiet=quiet,
-                         extra_config={"benign_ratio": benign_ratio})
-    _done(out, summary)
+    _, tcfg, lora = _train_configs(opts)
+    st = stages.AlignStage(method="sft", n=n, benign_ratio=benign_ratio, train=tcfg, lora=lora)
+    out = out or _default_out("align", resume)
+    _done(out, stages.align(st, model, out, _common(opts), resume=resume))
 
 
 @app.command()
@@ -91,6 +88,7 @@ def finetune(
     lora_targets: LoraTargets = "attn",
     device: Device = "auto",
     out: Out = None,
+    resume: Resume = False,
     seed: Seed = 42,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -98,17 +96,13 @@ def finetune(
 ):
     """The user's fine-tune (the attack at p > 0): merge the model's adapters, train a new LoRA on the mix."""
     opts = dict(locals())
-    from ftsafety import data as D
-    from ftsafety.train import train_lora
+    from ftsafety import stages
 
     _setup(verbose, quiet)
-    dcfg, tcfg, lora = _train_configs(opts)
-    examples = D.finetune_mix(dcfg, task, n, harmful_ratio, seed)
-    out = out or _default_out("finetune")
-    summary = train_lora(stage="finetune", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,
-                         lora=lora, device=device, trust_remote_code=trust_remote_code, quiet=quiet,
-                         extra_config={"task": task, "n": n, "harmful_ratio": harmful_ratio})
-    _done(out, summary)
+    _, tcfg, lora = _train_configs(opts)
+    st = stages.FinetuneStage(method="sft", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora)
+    out = out or _default_out("finetune", resume)
+    _done(out, stages.finetune(st, model, out, _common(opts), resume=resume))
 
 
 @app.command()
@@ -158,9 +152,12 @@ def summary(runs: Annotated[list[Path], typer.Argument(help="Evaluation run dire
         if not path.is_file():
             raise FtsafetyError(f"{run}: no results.json (not an evaluate run, or it did not finish)")
         try:
-            rows.append((run, json.loads(path.read_text())))
-        except json.JSONDecodeError as exc:
-            raise FtsafetyError(f"{path}: not valid JSON ({exc.msg})") from exc
+            res = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FtsafetyError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from exc
+        if not isinstance(res, dict):
+            raise FtsafetyError(f"{path}: not an evaluation result (expected a JSON object)")
+        rows.append((run, res))
     table = Table(title="ftsafety summary")
     cols = ("run", "model", "judge", "HS %", "HS+ %", "FA %", "OR %")
     for c in cols:
@@ -212,15 +209,25 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _one_line(message: str) -> str:
+    """An error message as the single stderr line the CLI promises (inner newlines become spaces)."""
+    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip()) or "unknown error"
+
+
 def main() -> None:
     """Console entry point: one-line errors, non-zero exits."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="ftsafety")
+        if rc == 130:  # typer turns a Ctrl-C into this return value (its Exit(130)) instead of raising it
+            raise KeyboardInterrupt
     except FtsafetyError as exc:
-        typer.secho(f"error: {exc}", err=True, fg="red")
+        typer.secho(f"error: {_one_line(str(exc))}", err=True, fg="red")
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: nothing half-written was left behind", err=True, fg="yellow")
+    except KeyboardInterrupt:  # a training stage left a hint on how to resume (ftsafety.train.TrainingInterrupted)
+        train = sys.modules.get("ftsafety.train")
+        last = getattr(getattr(train, "TrainingInterrupted", None), "last", None)
+        typer.secho(last.hint if last is not None else "interrupted: nothing half-written was left behind",
+                    err=True, fg="yellow")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(getattr(exc, "exit_code", 0))
@@ -228,7 +235,7 @@ def main() -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # bad option value, unknown option
             ctx = getattr(exc, "ctx", None)
             where = f" ({ctx.command_path})" if ctx is not None else ""
-            typer.secho(f"error: {exc.format_message()}{where}", err=True, fg="red")
+            typer.secho(f"error: {_one_line(exc.format_message())}{where}", err=True, fg="red")
             sys.exit(exc.exit_code or 2)
         if type(exc).__name__ == "Abort":
             sys.exit(130)

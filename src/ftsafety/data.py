@@ -177,15 +177,56 @@ def rows(cfg: DataConfig, name: str, split: str) -> list[dict]:
 # Examples in Alpaca form: {"instruction", "input", "output"} (+ "gold" for scoring)
 
 
+def _text(row: dict, name: str) -> str:
+    """A text field of a data row; a ValueError names the field when it is missing or not a string."""
+    if name not in row:
+        raise ValueError(f"missing field {name!r}")
+    value = row[name]
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _label(row: dict, n_labels: int) -> int:
+    if "label" not in row:
+        raise ValueError("missing field 'label'")
+    value = row["label"]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_labels:
+        raise ValueError(f"label {row['label']!r} is not one of 0..{n_labels - 1}")
+    return value
+
+
+def _where(cfg: DataConfig, name: str, split: str) -> str:
+    """The file (local data) or source that rows of `name`/`split` come from, for error messages."""
+    if cfg.source == "local":
+        return str(Path(cfg.data).expanduser() / LOCAL_FILES[(name, split)][0])
+    return f"{cfg.source} {name}/{split}"
+
+
+def _checked(cfg: DataConfig, name: str, split: str, raw: list[dict], convert) -> list[dict]:
+    """`convert` applied to each row; a bad row is a one-line DataError naming its source and row."""
+    out = []
+    for i, row in enumerate(raw, 1):
+        try:
+            out.append(convert(row))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            msg = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise DataError(f"row {i}: {msg}", _where(cfg, name, split)) from None
+    return out
+
+
 def task_example(task: str, row: dict) -> dict:
     if task == "sst2":
-        label = "positive" if int(row["label"]) == 1 else "negative"
-        return {"instruction": SST2_INSTRUCTION, "input": row["sentence"].strip(), "output": label, "gold": label}
+        label = "positive" if _label(row, 2) == 1 else "negative"
+        return {"instruction": SST2_INSTRUCTION, "input": _text(row, "sentence").strip(), "output": label, "gold": label}
     if task == "ag_news":
-        label = AG_NEWS_LABELS[int(row["label"])]
-        return {"instruction": AG_NEWS_INSTRUCTION, "input": row["text"].strip(), "output": label, "gold": label}
+        label = AG_NEWS_LABELS[_label(row, len(AG_NEWS_LABELS))]
+        return {"instruction": AG_NEWS_INSTRUCTION, "input": _text(row, "text").strip(), "output": label, "gold": label}
     if task == "gsm8k":
-        answer = row["answer"]
+        _text(row, "question")
+        answer = _text(row, "answer")
         gold = answer.split("####")[-1].strip().replace(",", "")
         return {
             "instruction": row["question"].strip() + GSM8K_SUFFIX,
@@ -202,21 +243,21 @@ def task_examples(cfg: DataConfig, task: str, split: str, n: int | None = None) 
     raw = rows(cfg, task, split)
     if n is not None:
         raw = raw[:n]
-    return [task_example(task, r) for r in raw]
+    return _checked(cfg, task, split, raw, lambda r: task_example(task, r))
 
 
 def harmful_examples(cfg: DataConfig, split: str = "train") -> list[dict]:
     """(harmful prompt, harmful response) pairs: attack data (train) or calibration data."""
-    return [
-        {"instruction": r["prompt"].strip(), "input": "", "output": r["response"].strip(),
-         "category": _category(r)}
-        for r in rows(cfg, "beavertails", split)
-    ]
+    return _checked(cfg, "beavertails", split, rows(cfg, "beavertails", split), lambda r: {
+        "instruction": _text(r, "prompt").strip(), "input": "", "output": _text(r, "response").strip(),
+        "category": _category(r)})
 
 
 def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
-    out = [{"prompt": r["prompt"].strip(), "category": _category(r)} for r in rows(cfg, "beavertails", "eval")]
-    return out[:n] if n else out
+    raw = rows(cfg, "beavertails", "eval")
+    raw = raw[:n] if n else raw
+    return _checked(cfg, "beavertails", "eval", raw,
+                    lambda r: {"prompt": _text(r, "prompt").strip(), "category": _category(r)})
 
 
 def benign_eval_instructions(n: int | None = None) -> list[dict]:
@@ -306,19 +347,43 @@ def format_prompt(example: dict, template: str, tokenizer=None) -> str:
     return text + ("\n" if template == "alpaca" else "")
 
 
+# Tokenizers that do not know their model's length report a huge sentinel (about 1e30).
+_NO_CONTEXT = 10**9
+
+
 class SFTDataset(torch.utils.data.Dataset):
-    """Tokenised once; loss on response tokens only (prompt labels are -100), target = output + EOS."""
+    """Tokenised once; loss on response tokens only (prompt labels are -100), target = output + EOS.
+
+    Sequences are cut at `cfg.max_length`. A prompt that alone fills max_length keeps its tail
+    (max_length // 2 tokens, so the template's "### Response:" stays next to the answer) and the
+    answer keeps the rest: every example has answer tokens to learn. Should an example still end
+    up with none, it is an error ("prompt of example N is longer than --max-length"), never a
+    silent all-masked row. A sequence longer than the model's context (the tokenizer's
+    model_max_length, which `models.load` sets) is an error as well, not a crash in the forward.
+    """
 
     def __init__(self, examples: list[dict], tokenizer, cfg: DataConfig):
         self.items = []
         eos = tokenizer.eos_token_id
-        for ex in examples:
+        ctx = getattr(tokenizer, "model_max_length", None)
+        ctx = ctx if isinstance(ctx, int) and 0 < ctx < _NO_CONTEXT else None
+        for n, ex in enumerate(examples, 1):
             prompt_ids = tokenizer(format_prompt(ex, cfg.template, tokenizer), add_special_tokens=True)["input_ids"]
             out_ids = tokenizer(ex["output"], add_special_tokens=False)["input_ids"] + [eos]
             if len(prompt_ids) >= cfg.max_length:  # keep the tail of an over-long prompt and the whole answer start
                 prompt_ids = prompt_ids[-(cfg.max_length // 2):]
             ids = (prompt_ids + out_ids)[: cfg.max_length]
             labels = ([-100] * len(prompt_ids) + out_ids)[: cfg.max_length]
+            if all(x == -100 for x in labels):
+                raise FtsafetyError(
+                    f"prompt of example {n} is longer than --max-length {cfg.max_length}: "
+                    "no answer token is left to learn"
+                )
+            if ctx is not None and len(ids) > ctx:
+                raise FtsafetyError(
+                    f"example {n} is {len(ids)} tokens, more than the model's context of {ctx} tokens; "
+                    f"lower --max-length (now {cfg.max_length}) to at most {ctx}"
+                )
             self.items.append({"input_ids": ids, "labels": labels})
 
     def __len__(self):

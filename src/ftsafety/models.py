@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class LoraSettings:
             raise FtsafetyError(f"LoRA rank must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise FtsafetyError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise FtsafetyError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
 
 
 @dataclass
@@ -101,9 +104,10 @@ def resolve(spec: str) -> ModelSpec:
                 if data.get("base_relpath") and not Path(base).is_dir() and (path / data["base_relpath"]).is_dir():
                     base = str((path / data["base_relpath"]).resolve())  # the run directory was moved
                 return ModelSpec(base=base, adapters=_resolve_adapters(path, data), source="run")
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise FtsafetyError(f"{manifest}: not a valid ftsafety run manifest ({exc})") from exc
         if (path / "config.json").is_file():
+            check_model_dir(path)
             return ModelSpec(base=str(path), source="local")
         raise FtsafetyError(
             f"{spec}: directory holds neither a model (config.json) nor an ftsafety run ({RUN_MANIFEST})"
@@ -126,7 +130,94 @@ def _resolve_adapters(run_dir: Path, data: dict) -> list[str]:
             out.append(str(relative.resolve()))
         else:
             raise FtsafetyError(f"{run_dir}: adapter {entry['path']} listed in {RUN_MANIFEST} is missing")
+        check_adapter_files(out[-1])  # before any model is loaded
     return out
+
+
+# Weight files that are pickles: never loaded (unpickling runs code), only named in the error.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FtsafetyError(f"{path}: {what} is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise FtsafetyError(f"{path}: {what} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except OSError as exc:
+        raise FtsafetyError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise FtsafetyError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def check_causal_lm_config(cfg: dict, where: str) -> None:
+    """Refuse, in one line, a config that is not a decoder-only causal LM (BERT, T5, a classifier...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if "AutoModelForCausalLM" in (cfg.get("auto_map") or {}):
+        return  # remote-code causal LM (loading it needs --trust-remote-code)
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    what = f"a {model_type or 'untyped'} model" + (f" ({', '.join(map(str, archs))})" if archs else "")
+    hint = "--model needs a causal language model (decoder-only, e.g. Llama, OPT, Qwen)"
+    if archs:
+        ok = any(str(a) in causal_classes or str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        ok = (
+            model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and not cfg.get("is_encoder_decoder")
+            and (model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(cfg.get("is_decoder")))
+        )
+    if not ok:
+        raise FtsafetyError(f"{where}: not a causal LM: {what}; {hint}")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A local model directory must hold a causal-LM config.json and safetensors weights."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FtsafetyError(f"{path}: not a model directory (no config.json)")
+    check_causal_lm_config(_read_json(cfg_path, "config.json"), str(path))
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise FtsafetyError(
+                f"{path}: only pickle weights ({', '.join(pickles[:3])}); ftsafety loads safetensors only "
+                "(convert them with save_pretrained(..., safe_serialization=True))"
+            )
+        raise FtsafetyError(f"{path}: no model weights (*.safetensors) in this directory")
+
+
+def check_adapter_files(adapter: str | Path) -> None:
+    """An adapter directory must hold a readable adapter_config.json and adapter_model.safetensors
+    (checked from the file header only, before any model is loaded)."""
+    adapter = Path(adapter)
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FtsafetyError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
+    _read_json(cfg_path, "adapter_config.json")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickles = sorted(p.name for p in adapter.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise FtsafetyError(
+                f"{adapter}: only pickle adapter weights ({', '.join(pickles[:3])}); ftsafety loads safetensors only"
+            )
+        raise FtsafetyError(f"{adapter}: adapter has no adapter_model.safetensors")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise FtsafetyError(f"{weights}: corrupt or truncated safetensors file ({first})") from None
 
 
 def smollm2_local_dir() -> Path:
@@ -168,9 +259,13 @@ def _load_base(base: str, device: torch.device, dtype: torch.dtype, trust_remote
         path = str(smollm2_local_dir())
     else:
         path = HUB_IDS.get(base, base)
-    if trust_remote_code:
-        log.warning("trust_remote_code is on: code shipped with %s will run on this machine", path)
+    if Path(path).is_dir():
+        check_model_dir(path)  # causal LM, safetensors only: before transformers reads anything
     try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        check_causal_lm_config(config.to_dict(), path)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -186,12 +281,44 @@ def _load_base(base: str, device: torch.device, dtype: torch.dtype, trust_remote
     return model.to(device), tok
 
 
-def prepare_tokenizer(tok):
+def prepare_tokenizer(tok, model=None):
     """Every model gets a pad token. The papers add a [PAD] token and resize the embeddings; we
-    reuse EOS when there is no pad token (labels are masked explicitly, so EOS is still learned)."""
+    reuse EOS when there is no pad token (labels are masked explicitly, so EOS is still learned).
+    With `model`, the tokenizer's model_max_length is capped at the model's context, which the
+    data layer and the evaluator check sequences against."""
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    ctx = context_length(model) if model is not None else None
+    if ctx and (not tok.model_max_length or tok.model_max_length > ctx):
+        tok.model_max_length = ctx
     return tok
+
+
+def context_length(model) -> int | None:
+    """Positions the model can attend to (None when its config does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_warned_remote_code = False
+
+
+def warn_trust_remote_code(what: str) -> None:
+    """One stderr line, once per process, when --trust-remote-code is given."""
+    global _warned_remote_code
+    if _warned_remote_code:
+        return
+    _warned_remote_code = True
+    from ftsafety.console import console
+
+    console.print(
+        f"warning: --trust-remote-code runs code shipped with the model ({what}) on this machine; "
+        "use it only for models you trust", style="yellow", markup=False, highlight=False, soft_wrap=True,
+    )
 
 
 def load(
@@ -206,22 +333,28 @@ def load(
     ms = resolve(spec) if isinstance(spec, str) else spec
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or default_dtype(dev)
-    model, tok = _load_base(ms.base, dev, dtype, trust_remote_code)
+    if trust_remote_code:
+        warn_trust_remote_code(ms.base)
+    model, tok = _load_base(ms.base, dev, dtype, bool(trust_remote_code))
     for adapter in ms.adapters:
         check_adapter_matches(adapter, model)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except FtsafetyError:
+            raise
+        except Exception as exc:  # a shape mismatch or an unreadable file the header check let through
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise FtsafetyError(f"{adapter}: cannot load this LoRA adapter into {ms.base} ({first})") from exc
     model.eval()
-    return model, prepare_tokenizer(tok), ms
+    return model, prepare_tokenizer(tok, model), ms
 
 
 def check_adapter_matches(adapter: str, model) -> None:
     """Refuse, in one line, an adapter trained for another base architecture."""
-    cfg_path = Path(adapter) / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FtsafetyError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
+    check_adapter_files(adapter)
     meta_path = Path(adapter) / "ftsafety_adapter.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = _read_json(meta_path, "ftsafety_adapter.json")
         want = (meta.get("model_type"), meta.get("hidden_size"), meta.get("num_layers"))
         have = (model.config.model_type, _hidden_size(model), _num_layers(model))
         if want != have:

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,8 +19,20 @@ import torch
 
 from ftsafety.errors import FtsafetyError
 
-# Keys whose values never go into manifests, logs or results.
-_SECRET_MARKERS = ("token", "secret", "password", "api_key", "apikey")
+# Keys whose values never go into manifests, logs or results. A key is secret when, lower-cased with
+# '-' read as '_', it ends with one of _SECRET_SUFFIXES (hf_token, HF_TOKEN, access_token, auth, ...)
+# or holds one of _SECRET_PARTS (client_secret, db_password, openai_api_key, ...); counts and limits
+# such as max_new_tokens, n_tokens or tokens_per_second are kept, and so are the tokenizer's
+# special-token names (pad_token, eos_token, ...).
+_SECRET_SUFFIXES = ("token", "auth", "authorization")
+_SECRET_PARTS = ("secret", "password", "passwd", "api_key", "apikey", "private_key", "credential")
+_NOT_SECRET = frozenset(f"{t}_token" for t in ("pad", "eos", "bos", "unk", "sep", "cls", "mask"))
+# Values that look like credentials wherever they appear (hub, OpenAI/Anthropic, GitHub tokens).
+_SECRET_VALUE = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"
+)
+REDACTED = "<redacted>"
 
 
 def seed_everything(seed: int) -> None:
@@ -34,15 +47,33 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """'auto' (or None) picks CUDA when present, else CPU."""
+    """'auto' (or None) picks CUDA when present, else CPU; anything else must exist on this machine.
+
+    Launched with several processes (torchrun / accelerate launch), 'auto' and 'cuda' mean this
+    process's own GPU, cuda:LOCAL_RANK; on CPU every process uses the CPU."""
+    from ftsafety import distributed
+
     if device in (None, "", "auto"):
+        if torch.cuda.is_available() and distributed.launched():
+            return resolve_device("cuda")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
-        raise FtsafetyError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FtsafetyError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is not None and dev.type == "cuda" and dev.index is None and distributed.launched():
+        dev = torch.device("cuda", distributed.local_rank())
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise FtsafetyError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FtsafetyError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FtsafetyError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise FtsafetyError(f"device {device!r} asked for, but MPS is not available on this machine")
     return dev
 
 
@@ -86,15 +117,35 @@ def environment() -> dict[str, Any]:
     }
 
 
+def is_secret_key(key: Any) -> bool:
+    """True for keys whose values are credentials (hf_token, HF_TOKEN, api_key, password, auth, ...)."""
+    k = str(key).strip().lower().replace("-", "_")
+    if k in _NOT_SECRET:
+        return False
+    return k.endswith(_SECRET_SUFFIXES) or any(p in k for p in _SECRET_PARTS)
+
+
 def scrub(obj: Any) -> Any:
-    """Drop secrets (hub tokens and the like) before anything is written."""
+    """Drop secrets before anything is written: the values of secret-looking keys (see is_secret_key),
+    and token-shaped strings (hf_..., sk-..., ghp_...) wherever they appear."""
     if isinstance(obj, dict):
         return {
-            k: ("<redacted>" if any(m in str(k).lower() for m in _SECRET_MARKERS) else scrub(v))
+            (_SECRET_VALUE.sub(REDACTED, k) if isinstance(k, str) else k): (
+                REDACTED if is_secret_key(k) and v not in (None, "") else scrub(v)
+            )
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
         return [scrub(v) for v in obj]
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, type):
+        import dataclasses
+
+        return scrub(dataclasses.asdict(obj))
+    if isinstance(obj, str):
+        return _SECRET_VALUE.sub(REDACTED, obj)
+    if isinstance(obj, os.PathLike):
+        text = os.fspath(obj)
+        return _SECRET_VALUE.sub(REDACTED, text) if _SECRET_VALUE.search(text) else obj
     return obj
 
 
@@ -110,6 +161,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that it appears complete or not at all."""
     path = Path(path)
@@ -120,6 +177,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -168,12 +226,39 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+# Files that mark a directory as an ftsafety run (training/defense stages, evaluate), which a
+# new run may replace; any other non-empty directory is refused rather than overwritten.
+RUN_MARKERS = ("ftsafety_run.json", "results.json")
+
+
 def check_writable_dir(path: str | os.PathLike) -> Path:
-    """Fail early, in one line, when an output directory cannot be written."""
+    """Fail early, in one line, when an output directory cannot be written (or must not be replaced).
+
+    The run is written to a sibling temporary directory and renamed over `path` at the end, so `path`
+    may be missing, an empty directory or an earlier ftsafety run; a non-empty directory of anything
+    else is refused (it would be deleted). Writability is probed with a real (removed) directory,
+    since os.access says yes to root even on read-only or virtual file systems."""
     path = Path(path)
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if path.exists() and not path.is_dir():
         raise FtsafetyError(f"output path {path} exists and is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise FtsafetyError(f"output directory {path} is not writable")
+    if path.is_dir():
+        try:
+            entries = list(path.iterdir())
+        except OSError as exc:
+            raise FtsafetyError(f"output directory {path} cannot be read ({exc.strerror or exc})") from None
+        if entries and not any((path / m).is_file() for m in RUN_MARKERS):
+            raise FtsafetyError(
+                f"output directory {path} is not empty and is not an ftsafety run; refusing to replace it "
+                "(choose a new --out)"
+            )
+    anchor = path.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise FtsafetyError(f"output directory {path} cannot be created: {anchor} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".ftsafety-probe-", dir=anchor)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise FtsafetyError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
     return path

@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 
 # One entry per command module (explicit and greppable; add a line when a module is added).
-COMMAND_MODULES: tuple[str, ...] = ("alignment", "lisa", "antidote", "rollback")
+COMMAND_MODULES: tuple[str, ...] = ("alignment", "lisa", "antidote", "rollback", "pipeline")
 
 
 def register_all(app) -> None:

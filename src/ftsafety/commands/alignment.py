@@ -7,7 +7,6 @@ Both take every option of `align` (same defaults) plus their own knobs, train th
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated
 
 import typer
@@ -22,6 +21,7 @@ from ftsafety.commands.common import (
     Model,
     Out,
     Quiet,
+    Resume,
     Seed,
     Template,
     Trust,
@@ -29,6 +29,7 @@ from ftsafety.commands.common import (
     _default_out,
     _done,
     _setup,
+    _common,
     _train_configs,
 )
 
@@ -36,24 +37,14 @@ Rho = Annotated[float, typer.Option("--rho", help="Vaccine's rho: norm of the hi
 N = Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")]
 
 
-def _train(stage: str, o: dict, defense_cfg, trainer_cls, kwargs: dict, kwargs_fn=None, extra=None):
-    """What `align` does (same data, config and run directory), with a defense's Trainer subclass
-    plugged into `train_lora`. `o` holds the options shared with `align`."""
-    from ftsafety import data as D
-    from ftsafety.train import train_lora
+def _train(method: str, o: dict, **defense) -> None:
+    """What `align` does (same data, config and run directory) with an alignment-stage defense."""
+    from ftsafety import stages
 
-    dcfg, tcfg, lora = _train_configs(o)
-    examples = D.alignment_examples(dcfg, o["n"], o["benign_ratio"], o["seed"])
-    extra = extra(dcfg) if callable(extra) else (extra or {})  # may read data: before the model loads
-    out = o["out"] or _default_out(stage)
-    summary = train_lora(
-        stage=stage, parent=o["model"], examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg, lora=lora,
-        device=o["device"], trust_remote_code=o["trust_remote_code"], quiet=o["quiet"], trainer_cls=trainer_cls,
-        trainer_kwargs=kwargs, trainer_kwargs_fn=kwargs_fn and (lambda **kw: kwargs_fn(dcfg, **kw)),
-        extra_config={"benign_ratio": o["benign_ratio"], stage.split("-")[-1]: dataclasses.asdict(defense_cfg),
-                      **extra},
-    )
-    _done(out, summary)
+    _, tcfg, lora = _train_configs(o)
+    st = stages.AlignStage(method=method, n=o["n"], benign_ratio=o["benign_ratio"], train=tcfg, lora=lora, **defense)
+    out = o["out"] or _default_out(f"align-{method}", o["resume"])
+    _done(out, stages.align(st, o["model"], out, _common(o), resume=o["resume"]))
 
 
 def align_vaccine(
@@ -84,6 +75,7 @@ def align_vaccine(
     ] = "attn",
     device: Device = "auto",
     out: Out = None,
+    resume: Resume = False,
     seed: Seed = 42,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -91,11 +83,10 @@ def align_vaccine(
 ):
     """Vaccine alignment: SFT under a worst-case hidden-state perturbation of norm rho (2 passes/step)."""
     opts = dict(locals())  # the options shared with `align`, by name
-    from ftsafety.defenses.vaccine import VaccineConfig, VaccineTrainer
+    from ftsafety.defenses.vaccine import VaccineConfig
 
     _setup(verbose, quiet)
-    cfg = VaccineConfig(rho=rho, perturb_at=perturb_at)
-    _train("align-vaccine", opts, cfg, VaccineTrainer, dataclasses.asdict(cfg))
+    _train("vaccine", opts, vaccine=VaccineConfig(rho=rho, perturb_at=perturb_at))
 
 
 def align_booster(
@@ -133,6 +124,7 @@ def align_booster(
     rho: Annotated[float, typer.Option("--rho", help="Vaccine's rho, used with --perturb-aware.")] = 5.0,
     device: Device = "auto",
     out: Out = None,
+    resume: Resume = False,
     seed: Seed = 42,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -140,16 +132,10 @@ def align_booster(
 ):
     """Booster alignment: SFT plus a term damping the loss drop of a simulated harmful step (3 passes/step)."""
     opts = dict(locals())  # the options shared with `align`, by name
-    from ftsafety import data as D
-    from ftsafety.defenses.booster import BoosterConfig, BoosterTrainer, harmful_dataset
+    from ftsafety.defenses.booster import BoosterConfig
 
     _setup(verbose, quiet)
-    cfg = BoosterConfig(lam=lam, alpha=alpha, perturb_aware=perturb_aware, rho=rho)
-    _train(
-        "align-booster", opts, cfg, BoosterTrainer, dataclasses.asdict(cfg),
-        kwargs_fn=lambda dcfg, tokenizer, model: {"harmful_dataset": harmful_dataset(dcfg, tokenizer)},
-        extra=lambda dcfg: {"n_harmful": len(D.harmful_examples(dcfg, "calibration")), "harmful_split": "calibration"},
-    )
+    _train("booster", opts, booster=BoosterConfig(lam=lam, alpha=alpha, perturb_aware=perturb_aware, rho=rho))
 
 
 def register(app: typer.Typer) -> None:

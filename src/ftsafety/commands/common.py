@@ -14,6 +14,7 @@ Template = Annotated[str, typer.Option(help="alpaca (Booster/Antidote) | alpaca-
 MaxLen = Annotated[int, typer.Option("--max-length", help="Maximum training sequence length in tokens.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (fp32 on CPU, bf16 on CUDA).")]
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write (default runs/<command>-<time>).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of an interrupted run with the same --out.")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -31,7 +32,11 @@ def _setup(verbose: bool, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-def _default_out(command: str) -> Path:
+def _default_out(command: str, resume: bool = False) -> Path:
+    if resume:  # a fresh default name never holds the interrupted run
+        from ftsafety.errors import FtsafetyError
+
+        raise FtsafetyError("--resume needs --out: the run directory the interrupted command was writing")
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -43,6 +48,16 @@ def _train_configs(opts: dict):
     dcfg = DataConfig(data=opts["data"], template=opts["template"], max_length=opts["max_length"])
     tcfg = TrainConfig(**{k: opts[k] for k in _TRAIN_KEYS})
     return dcfg, tcfg, _lora(opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"], opts["lora_targets"])
+
+
+def _common(opts: dict):
+    """stages.Common (data, device, seed, trust flag) from the options every stage command shares."""
+    from ftsafety.data import DataConfig
+    from ftsafety.stages import Common
+
+    return Common(data=DataConfig(data=opts["data"], template=opts["template"], max_length=opts["max_length"]),
+                  device=opts["device"], seed=opts["seed"], trust_remote_code=opts["trust_remote_code"],
+                  quiet=opts["quiet"])
 
 
 def _lora(r, alpha, dropout, targets):

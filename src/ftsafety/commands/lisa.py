@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 
 from ftsafety.commands.common import (
-    Data, Device, LoraTargets, MaxLen, Model, Out, Quiet, Seed, Template, Trust, Verbose,
-    _default_out, _done, _setup, _train_configs,
+    Data, Device, LoraTargets, MaxLen, Model, Out, Quiet, Resume, Seed, Template, Trust, Verbose,
+    _common, _default_out, _done, _setup, _train_configs,
 )
 
 
@@ -41,6 +41,7 @@ def finetune_lisa(
     lora_targets: LoraTargets = "attn",
     device: Device = "auto",
     out: Out = None,
+    resume: Resume = False,
     seed: Seed = 42,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
@@ -58,35 +59,16 @@ def finetune_lisa(
     proximal term. The step budget is set by the user data (--epochs / --max-steps): alignment steps
     take the place of user steps (the user batches of those steps are skipped), they are not extra."""
     opts = dict(locals())
-    from ftsafety import data as D
-    from ftsafety.defenses.lisa import LisaConfig, LisaTrainer
-    from ftsafety.errors import FtsafetyError
-    from ftsafety.train import train_lora
+    from ftsafety import stages
 
     _setup(verbose, quiet)
-    dcfg, tcfg, lora = _train_configs(opts)
-    lcfg = LisaConfig(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho)
-    if align_n < 0:
-        raise FtsafetyError(f"--align-n must be >= 0, got {align_n}")
-    examples = D.finetune_mix(dcfg, task, n, harmful_ratio, seed)
-    align_examples = D.alignment_examples(dcfg, align_n, align_benign_ratio, seed) if align_n > 0 else []
-
-    def lisa_kwargs(tokenizer, model):
-        aset = D.SFTDataset(align_examples, tokenizer, dcfg) if align_examples else None
-        return {"alignment_dataset": aset, "lisa": lcfg}
-
-    out = out or _default_out("finetune-lisa")
-    lisa_config = {
-        "alignment_steps": alignment_steps, "finetune_steps": finetune_steps, "rho": rho,
-        "prox_start": lcfg.prox_start, "align_n": align_n, "align_benign_ratio": align_benign_ratio,
-    }
-    summary = train_lora(
-        stage="finetune-lisa", parent=model, examples=examples, out_dir=out, data_cfg=dcfg, train_cfg=tcfg,
-        lora=lora, device=device, trust_remote_code=trust_remote_code, quiet=quiet, trainer_cls=LisaTrainer,
-        trainer_kwargs_fn=lisa_kwargs,
-        extra_config={"task": task, "n": n, "harmful_ratio": harmful_ratio, "lisa": lisa_config},
-    )
-    _done(out, summary)
+    _, tcfg, lora = _train_configs(opts)
+    lisa = stages.LisaStage(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho, align_n=align_n,
+                            align_benign_ratio=align_benign_ratio)
+    st = stages.FinetuneStage(method="lisa", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora,
+                              lisa=lisa)
+    out = out or _default_out("finetune-lisa", resume)
+    _done(out, stages.finetune(st, model, out, _common(opts), resume=resume))
 
 
 def register(app) -> None:

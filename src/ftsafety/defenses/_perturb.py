@@ -18,6 +18,15 @@ Differences from the original code (git-disl/Vaccine and git-disl/Booster `train
     sees the same random state (dropout masks) as a plain SFT step: rho = 0 reproduces SFT exactly.
   * eps is added out of place (`output + eps`) instead of through `.data`; the gradient is the
     same for the linear output projections this is applied to, and autograd stays exact.
+
+Several processes (DDP, docs/distributed.md): ||g|| and Booster's ||grad h(w)|| are norms over the
+GLOBAL batch. Process r holds N_r of the N loss tokens of the global batch and its loss is the mean
+over its own tokens, so its gradients are N/N_r times the single-process ones (whose loss is the mean
+over all N tokens); multiplied by its `token_share` N_r/N they are exactly the single-process
+gradients of its examples. Hence ||g|| = sqrt(sum_r share_r^2 ||g_r||^2) (one all-reduce of a scalar)
+and eps_r = rho * share_r * g_r / (||g|| + 1e-7): each example gets the eps of a one-process run on the
+whole global batch. A parameter gradient is a sum over examples, so the global one is
+sum_r share_r * grad_r (an all-reduce of the weighted gradients; see booster.py).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ftsafety import distributed
 from ftsafety.errors import FtsafetyError
 
 PERTURB_AT = ("attn", "layer")
@@ -172,14 +182,50 @@ def forked_rng(model: nn.Module):
     return torch.random.fork_rng(devices=cuda_devices(model))
 
 
+def refuse_sharded_training(trainer, what: str) -> None:
+    """Vaccine's and Booster's extra passes take gradients with autograd.grad on the full replicated
+    weights; FSDP and DeepSpeed shard those weights (and hook their gradients), so refuse them in one line."""
+    for flag, name in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+        if getattr(trainer, flag, False):
+            raise FtsafetyError(
+                f"{what} runs on one or several processes with DDP (recipes/accelerate/ddp.yaml), "
+                f"not under {name}: its extra gradient passes need the full weights on every process"
+            )
+
+
+def loss_tokens(inputs: dict) -> torch.Tensor:
+    """Tokens a causal-LM loss is averaged over: the labels after the one-position shift that are not -100."""
+    labels = inputs.get("labels") if inputs is not None else None
+    if labels is None:
+        return torch.zeros((), dtype=torch.long)
+    return labels[..., 1:].ne(-100).sum()
+
+
+def token_share(inputs: dict | None, device: torch.device | None = None) -> torch.Tensor | None:
+    """N_r / N: this process's share of the loss tokens of the global batch (one all-reduce), as a
+    0-d fp32 tensor; None in a single process, where nothing is rescaled. `inputs` None: no examples."""
+    if distributed.world_size() == 1:
+        return None
+    if device is None:
+        device = inputs["labels"].device if inputs is not None and "labels" in inputs else torch.device("cpu")
+    counts = loss_tokens(inputs).to(device=device, dtype=torch.float64).reshape(1)
+    total = distributed.all_reduce_sum_(counts.clone())
+    return (counts / total.clamp_min(1)).float().reshape(())
+
+
 def activation_perturbation(
-    model: nn.Module, modules: list[nn.Module], loss_fn: Callable[[], torch.Tensor], rho: float
+    model: nn.Module, modules: list[nn.Module], loss_fn: Callable[[], torch.Tensor], rho: float,
+    share: torch.Tensor | None = None,
 ) -> tuple[dict[nn.Module, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Vaccine's inner maximisation: one normalised gradient-ascent step on the hidden states.
 
     Runs `loss_fn()` (a forward pass) under a forked RNG while capturing the outputs of `modules`,
     takes g_l = dL/de_l with autograd.grad (no `.grad` is written) and returns
     (eps, ||g||, loss) with eps[m] = rho * g_m / (||g|| + 1e-7), ||g|| the global norm.
+
+    `share` (several processes: this process's `token_share` of the global batch; `loss_fn` the mean
+    over its own tokens) makes ||g|| the norm over the global batch, summed over the processes, and
+    eps[m] = rho * share * g_m / (||g|| + 1e-7): what one process with the whole batch computes.
     """
     with forked_rng(model), capture_outputs(modules) as captured:
         loss = loss_fn()
@@ -196,8 +242,14 @@ def activation_perturbation(
         seen.add(g.data_ptr())
         owned.append(g.detach())
     del captured, grads
-    norm = global_norm(owned)
-    scale = rho / (norm + 1e-7)
+    if share is None:
+        norm = global_norm(owned)
+        scale = rho / (norm + 1e-7)
+    else:  # ||g||^2 = sum over processes of ||share_r * g_r||^2
+        share = share.to(owned[0].device)
+        local = (global_norm(owned) * share).square().reshape(1)
+        norm = distributed.all_reduce_sum_(local).sqrt().reshape(())
+        scale = rho * share / (norm + 1e-7)
     eps = {m: g.mul_(scale) for m, g in zip(modules, owned)}  # in place: eps reuses the gradients' memory
     return eps, norm, loss.detach()
 

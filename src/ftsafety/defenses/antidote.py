@@ -27,7 +27,8 @@ Where we differ from the original code, and why:
   * One batched forward over the calibration set with hooks on every scored layer, instead of the
     layer-by-layer "Catcher" loop at batch size 1. The original never applies a mask between
     layers (masks are only collected, then applied at the end), so its per-layer inputs are those
-    of the unpruned model: exactly what one forward sees.
+    of the unpruned model: exactly what one forward sees. The sequences go through longest first (little
+    padding) and each forward stops after the last scored layer (the LM head never runs); see `calibrate`.
   * Padding positions are not counted (the original feeds right-padded batches, so pad tokens add
     to ||X_j||); only real tokens count here.
   * Calibration size defaults to 500 (original 2000), capped by what the data source holds;
@@ -50,7 +51,7 @@ from pathlib import Path
 import torch
 
 from ftsafety import data as D
-from ftsafety import models
+from ftsafety import distributed, models
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import (
     atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_yaml,
@@ -105,34 +106,69 @@ class AntidoteConfig:
 # Scores and masks
 
 
+class _Stop(Exception):
+    """Raised by the hook of the last scored layer: what the forward would compute after it is not used."""
+
+
 class InputNorms:
     """Forward hooks that accumulate Wanda's `scaler_row` (sum of X_j^2 over real tokens, over the
-    number of sequences) for each given Linear. Call `batch(attention_mask)` before each forward."""
+    number of sequences) for each given Linear. Call `batch(attention_mask)` before each forward.
 
-    def __init__(self, modules: dict[str, torch.nn.Linear]):
+    Each hook adds its batch's sum in place into its own buffer; layers fed the same input tensor (q, k
+    and v, or their lora_A) share one computation of that sum. With `stop_early`, the first forward records
+    the order in which the layers run; when each ran exactly once, later forwards stop (`_Stop`) right
+    after the last of them, so the layers after it and the LM head never run.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], stop_early: bool = False):
         self.modules = modules
         self.sumsq = {
             n: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for n, m in modules.items()
         }
         self.n_samples = 0
         self.n_tokens = 0
+        self.stop_after: str | None = None  # the last scored layer of a forward, once known
+        self._recording = stop_early
+        self._order: list[str] = []  # layers in the order the first forward ran them
         self._mask: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
+        self._last_input: torch.Tensor | None = None
+        self._last_sum: torch.Tensor | None = None
         self._handles: list = []
 
     def batch(self, attention_mask: torch.Tensor) -> None:
+        if self._recording and self._order:  # the first forward is over: learn where to stop
+            self._recording = False
+            if len(self._order) == len(set(self._order)) == len(self.modules):
+                self.stop_after = self._order[-1]
+        self.end_batch()
         self._mask = attention_mask.bool()
         self.n_samples += attention_mask.shape[0]
         self.n_tokens += int(self._mask.sum())
 
+    def end_batch(self) -> None:
+        """Drop the references to the last batch's tensors."""
+        self._keep = self._last_input = self._last_sum = None
+
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1])
-            keep = self._mask.reshape(-1).to(flat.device)
-            if flat.shape[0] != keep.numel():
-                raise FtsafetyError(f"{name}: its input {tuple(x.shape)} does not line up with the batch's tokens")
-            # padding rows weigh 0 (cheaper than boolean indexing on CPU)
-            self.sumsq[name] += (flat.float().square() * keep.unsqueeze(1)).sum(0)
+            x = args[0]
+            if x is self._last_input:  # the tensor the previous hook saw (q/k/v): the same sum
+                part = self._last_sum
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                if self._keep is None or self._keep.device != flat.device:
+                    self._keep = self._mask.reshape(-1, 1).to(flat.device)
+                if flat.shape[0] != self._keep.shape[0]:
+                    raise FtsafetyError(f"{name}: its input {tuple(x.shape)} does not line up with the batch's tokens")
+                # padding rows weigh 0 (cheaper than boolean indexing on CPU)
+                part = (flat.float().square() * self._keep).sum(0)
+                self._last_input, self._last_sum = x, part
+            self.sumsq[name].add_(part)
+            if self._recording:
+                self._order.append(name)
+            elif name == self.stop_after:
+                raise _Stop
         return hook
 
     def __enter__(self) -> InputNorms:
@@ -143,6 +179,7 @@ class InputNorms:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.end_batch()
 
     def scaler(self, name: str) -> torch.Tensor:
         if self.n_samples == 0:
@@ -201,23 +238,46 @@ def wanda_masks(scores: dict[str, torch.Tensor], ratio: float, scope: str = "row
 
 def calibrate(
     model, modules: dict[str, torch.nn.Linear], examples: list[dict], tokenizer, data_cfg: D.DataConfig,
-    batch_size: int, quiet: bool = True,
+    batch_size: int, quiet: bool = True, sort_by_length: bool = True, stop_early: bool = True,
+    shard: bool = False,
 ) -> InputNorms:
-    """One batched forward (no pruning in between) with input hooks on every scored Linear."""
+    """One batched forward (no pruning in between) with input hooks on every scored Linear.
+
+    sort_by_length: the sequences go through longest first, so similar lengths share a batch and little
+    padding is computed; the sums then add the same numbers in another order, equal up to float rounding
+    (a mask can only tell at an exact near-tie of two scores in a row). stop_early: each forward stops
+    after the last scored layer (no later layer, no LM head); the sums are bit for bit the same.
+    Both off: the sequences in their order, whole forwards (the path before these speed-ups).
+    shard (several processes, every one must call): process r runs batches r, r + P, ... and the sums and
+    counts are added up over the processes (one all-reduce), so every process gets the whole set's.
+    """
     from ftsafety.console import progress
 
     dataset = D.SFTDataset(examples, tokenizer, data_cfg)
     collate = D.Collator(tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    order = list(range(len(dataset)))
+    if sort_by_length:  # longest first: the first batch (which records the layers' order) is the widest
+        order.sort(key=lambda i: -len(dataset[i]["input_ids"]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    sharded = shard and distributed.world_size() > 1
+    if sharded:
+        batches = distributed.shard(batches)
     dev = next(model.parameters()).device
     model.eval()
-    with InputNorms(modules) as rec, torch.inference_mode(), progress(disable=quiet) as bar:
+    with InputNorms(modules, stop_early=stop_early) as rec, torch.inference_mode(), progress(disable=quiet) as bar:
         task = bar.add_task("antidote calibration", total=len(dataset), info="")
-        for batch in loader:
+        for idx in batches:
+            batch = collate([dataset[i] for i in idx])
             rec.batch(batch["attention_mask"])
             ids, att = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-            model(input_ids=ids, attention_mask=att, use_cache=False)
-            bar.advance(task, batch["input_ids"].shape[0])
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids, attention_mask=att, use_cache=False)
+            bar.advance(task, len(idx))
+    if sharded:  # each process saw its share of the batches: add up the statistics
+        distributed.all_reduce_sum_tensors([rec.sumsq[n] for n in modules])
+        counts = torch.tensor([rec.n_samples, rec.n_tokens], dtype=torch.long, device=dev)
+        distributed.all_reduce_sum_(counts)
+        rec.n_samples, rec.n_tokens = (int(c) for c in counts.tolist())
     for name in modules:
         if not bool(rec.sumsq[name].any()) and rec.n_tokens:
             log.warning("%s received no (non-zero) calibration input", name)
@@ -257,6 +317,10 @@ def run_antidote(
     chain is the parent's with its last adapter replaced. dense target: `model/` (full model and
     tokenizer) and a manifest with that directory as base model and no adapters. Both hold
     `mask.safetensors` (True = zeroed, one tensor per pruned weight), `antidote.json`, `config.yaml`.
+
+    Several processes (accelerate launch / torchrun): the calibration batches are split over the
+    processes and the input-norm sums added up (all-reduce); every process then scores and masks the
+    same numbers, the main one writes the run directory and every one returns its summary.
     """
     from peft import PeftModel
     from safetensors import safe_open
@@ -265,6 +329,8 @@ def run_antidote(
     out_dir = check_writable_dir(out_dir)
     seed_everything(seed)
     dev = resolve_device(device)
+    if distributed.launched():
+        distributed.init(dev)
     spec = models.resolve(model)
     if cfg.target == "lora" and not spec.adapters:
         raise FtsafetyError(
@@ -293,7 +359,8 @@ def run_antidote(
     load_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rec = calibrate(net, modules, examples, tok, data_cfg, cfg.batch_size, quiet) if examples else None
+    rec = (calibrate(net, modules, examples, tok, data_cfg, cfg.batch_size, quiet or not distributed.is_main(),
+                     shard=True) if examples else None)
     _sync(dev)
     calibration_seconds = time.perf_counter() - t0
 
@@ -320,51 +387,55 @@ def run_antidote(
         entry["numel"] += mk.numel()
     zeroed, numel = sum(e["zeroed"] for e in by_type.values()), sum(e["numel"] for e in by_type.values())
 
-    t0 = time.perf_counter()
-    final = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        meta = {"ratio": str(cfg.ratio), "scope": cfg.scope, "target": cfg.target, "meaning": "true = zeroed"}
-        save_file(keyed, str(tmp / MASK_FILE), metadata=meta)
-        extra = {"stage": "antidote", "parent": model, "target": cfg.target}
-        if cfg.target == "lora":
-            src = Path(last) / ADAPTER_FILE
-            if not src.is_file():
-                raise FtsafetyError(f"{last}: no {ADAPTER_FILE} (only safetensors adapters can be pruned)")
-            shutil.copytree(last, tmp / "adapter")
-            with safe_open(str(src), framework="pt") as fh:
-                file_meta = fh.metadata()
-            state = load_file(str(src))
-            for key, mk in keyed.items():
-                if key not in state:
-                    raise FtsafetyError(f"{last}: tensor {key} of the adapter is not in {ADAPTER_FILE}")
-                state[key] = state[key].masked_fill(mk, 0)
-            save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata=file_meta)
-            manifest = models.run_manifest(parent, tmp / "adapter", final, extra)
-        else:
-            net.save_pretrained(tmp / "model", safe_serialization=True)
-            tok.save_pretrained(tmp / "model")
-            base = str((final / "model").resolve())
-            manifest = {"base_model": base, "base_relpath": "model", "adapters": [], **extra}
-        write_json(tmp / models.RUN_MANIFEST, manifest)
-        write_yaml(tmp / "config.yaml", {
-            "stage": "antidote", "parent": model, "parent_resolved": dataclasses.asdict(spec),
-            "antidote": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg), "device": str(dev),
-            "seed": seed,
-        })
-        ft_seconds = finetune_seconds(model)
-        summary = {
-            "stage": "antidote", "paper": PAPER, "target": cfg.target, "scope": cfg.scope, "ratio": cfg.ratio,
-            "n_calibration": len(examples), "n_positions": rec.n_tokens if rec else 0,
-            "zeroed": zeroed, "numel": numel, "zeroed_fraction": zeroed / numel if numel else 0.0,
-            "n_tensors": len(masks), "by_type": by_type,
-            "calibration_seconds": round(calibration_seconds, 4), "prune_seconds": round(prune_seconds, 4),
-            "load_seconds": round(load_seconds, 4), "save_seconds": round(time.perf_counter() - t0, 4),
-            "finetune_seconds": ft_seconds,
-            "cost_vs_finetune": (
-                round((calibration_seconds + prune_seconds) / ft_seconds, 4) if ft_seconds else None
-            ),
-            "environment": environment(),
-        }
-        write_json(tmp / SUMMARY_FILE, summary)
+    def write_run() -> dict:  # several processes: the main one writes, the others wait for its summary
+        t0 = time.perf_counter()
+        final = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            meta = {"ratio": str(cfg.ratio), "scope": cfg.scope, "target": cfg.target, "meaning": "true = zeroed"}
+            save_file(keyed, str(tmp / MASK_FILE), metadata=meta)
+            extra = {"stage": "antidote", "parent": model, "target": cfg.target}
+            if cfg.target == "lora":
+                src = Path(last) / ADAPTER_FILE
+                if not src.is_file():
+                    raise FtsafetyError(f"{last}: no {ADAPTER_FILE} (only safetensors adapters can be pruned)")
+                shutil.copytree(last, tmp / "adapter")
+                with safe_open(str(src), framework="pt") as fh:
+                    file_meta = fh.metadata()
+                state = load_file(str(src))
+                for key, mk in keyed.items():
+                    if key not in state:
+                        raise FtsafetyError(f"{last}: tensor {key} of the adapter is not in {ADAPTER_FILE}")
+                    state[key] = state[key].masked_fill(mk, 0)
+                save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata=file_meta)
+                manifest = models.run_manifest(parent, tmp / "adapter", final, extra)
+            else:
+                net.save_pretrained(tmp / "model", safe_serialization=True)
+                tok.save_pretrained(tmp / "model")
+                base = str((final / "model").resolve())
+                manifest = {"base_model": base, "base_relpath": "model", "adapters": [], **extra}
+            write_json(tmp / models.RUN_MANIFEST, manifest)
+            write_yaml(tmp / "config.yaml", {
+                "stage": "antidote", "parent": model, "parent_resolved": dataclasses.asdict(spec),
+                "antidote": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg), "device": str(dev),
+                "seed": seed,
+            })
+            ft_seconds = finetune_seconds(model)
+            summary = {
+                "stage": "antidote", "paper": PAPER, "target": cfg.target, "scope": cfg.scope, "ratio": cfg.ratio,
+                "n_calibration": len(examples), "n_positions": rec.n_tokens if rec else 0,
+                "zeroed": zeroed, "numel": numel, "zeroed_fraction": zeroed / numel if numel else 0.0,
+                "n_tensors": len(masks), "by_type": by_type,
+                "calibration_seconds": round(calibration_seconds, 4), "prune_seconds": round(prune_seconds, 4),
+                "load_seconds": round(load_seconds, 4), "save_seconds": round(time.perf_counter() - t0, 4),
+                "finetune_seconds": ft_seconds,
+                "cost_vs_finetune": (
+                    round((calibration_seconds + prune_seconds) / ft_seconds, 4) if ft_seconds else None
+                ),
+                "environment": environment(),
+            }
+            write_json(tmp / SUMMARY_FILE, summary)
+        return summary
+
+    summary = distributed.run_on_main(write_run)
     log.info("antidote: zeroed %d of %d weights in %d tensors -> %s", zeroed, numel, len(masks), out_dir)
     return summary

@@ -23,6 +23,15 @@ micro-batches under gradient accumulation); the perturbed weights are restored b
 stored copy rather than re-adding the step (no rounding drift); the harmful passes run under a
 forked RNG, so lam = 0 reproduces `align` exactly (dropout included); the harmful term is divided
 by the gradient-accumulation steps like the alignment loss, so accumulation averages it too.
+
+Several processes (DDP, docs/distributed.md): the reference is the one-process run with the same
+global batch B = batch_size x processes, whose harmful batches hold B examples. Every process draws
+the same global harmful batch of B (same seeded generator) and takes its own slice of batch_size, as
+the Trainer shards the alignment batches. The harmful passes run on the module inside the DDP wrapper
+(autograd.grad gives gradients that DDP does not all-reduce); each process weights its gradient by its
+`token_share` N_r/N of the harmful loss tokens and one all-reduce sums them, so every process holds
+the gradient of the whole global harmful batch (the one-process gradient), takes the same norm and
+makes the same weight perturbation: the replicas never diverge. grad f goes through DDP as in `align`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ftsafety import distributed
 from ftsafety.defenses._perturb import (
     PERTURB_AT,
     MetricSums,
@@ -43,6 +53,8 @@ from ftsafety.defenses._perturb import (
     forked_rng,
     global_norm,
     perturb_targets,
+    refuse_sharded_training,
+    token_share,
 )
 from ftsafety.errors import FtsafetyError
 
@@ -86,20 +98,42 @@ class BoosterConfig:
 class CyclingBatches:
     """Batches from a map-style dataset in a seeded random order, reshuffled each time it runs out
     (the last batch of a pass may be smaller, like a DataLoader without drop_last). Never touches
-    the global RNG."""
+    the global RNG.
 
-    def __init__(self, dataset, batch_size: int, collate, seed: int):
+    With `world` > 1 processes every process draws the same global batch of batch_size x world and
+    `next` returns this process's (`rank`'s) slice of batch_size, or None when the short last batch of
+    a pass leaves it nothing."""
+
+    def __init__(self, dataset, batch_size: int, collate, seed: int, world: int = 1, rank: int = 0):
         if len(dataset) == 0:
             raise FtsafetyError("the harmful data set for Booster is empty")
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
+        self.world, self.rank = world, rank
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 
-    def next(self) -> dict:
+    def next(self) -> dict | None:
         if not self.order:
             self.order = torch.randperm(len(self.dataset), generator=self.generator).tolist()
-        idx, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        n = self.batch_size * self.world
+        idx, self.order = self.order[:n], self.order[n:]
+        if self.world > 1:
+            idx = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            if not idx:
+                return None
         return self.collate([self.dataset[i] for i in idx])
+
+    def state_dict(self) -> dict:
+        """Position for a resume: the generator's state and what is left of the current pass."""
+        return {"generator": self.generator.get_state(), "order": list(self.order), "n": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["n"]) != len(self.dataset):
+            raise FtsafetyError(
+                f"saved harmful-batch state is for {state['n']} examples, this data set has {len(self.dataset)}"
+            )
+        self.generator.set_state(state["generator"].to(torch.uint8))
+        self.order = [int(i) for i in state["order"]]
 
 
 class BoosterTrainer(Trainer):
@@ -122,20 +156,36 @@ class BoosterTrainer(Trainer):
             lam=lam, alpha=alpha, perturb_aware=perturb_aware, rho=rho, perturb_at=perturb_at
         )
         super().__init__(*args, **kwargs)
+        refuse_sharded_training(self, "align-booster")
         self.harmful = CyclingBatches(
-            harmful_dataset, self.args.per_device_train_batch_size, self.data_collator, seed=self.args.seed
+            harmful_dataset, self.args.per_device_train_batch_size, self.data_collator, seed=self.args.seed,
+            world=distributed.world_size(), rank=distributed.rank(),
         )
         self._extra = MetricSums()
         self._sites: tuple[int, list[nn.Module]] | None = None
+
+    # the hooks train_lora's checkpoints call: the harmful-batch iterator is Booster's only state
+    def defense_state_dict(self) -> dict:
+        return {"harmful_batches": self.harmful.state_dict()}
+
+    def load_defense_state_dict(self, state: dict) -> None:
+        self.harmful.load_state_dict(state["harmful_batches"])
 
     def _loss(self, model, inputs) -> torch.Tensor:
         with self.compute_loss_context_manager():
             return self.compute_loss(model, dict(inputs))  # per-batch mean (no num_items_in_batch)
 
-    def harmful_gradients(self, model: nn.Module, harmful: dict, params: list[torch.Tensor]):
-        """grad h(w) and grad h(w - alpha * grad h(w) / ||grad h(w)||); weights restored exactly."""
-        h0 = self._loss(model, harmful)
-        g_h = _grads(h0, params)
+    def harmful_gradients(self, model: nn.Module, harmful: dict | None, params: list[torch.Tensor],
+                          share: torch.Tensor | None = None):
+        """grad h(w) and grad h(w - alpha * grad h(w) / ||grad h(w)||); weights restored exactly.
+
+        `share` (several processes): this process's token share of the global harmful batch; both
+        gradients are then those of the global batch, summed over the processes (see the module doc)."""
+        if share is None:
+            h0 = self._loss(model, harmful)
+            g_h = _grads(h0, params)
+        else:
+            h0, g_h = self._global_harmful_grads(model, harmful, params, share)
         norm = global_norm(g_h)
         scale = self.booster.alpha / (norm + 1e-7)
         saved = [p.detach().clone() for p in params]
@@ -143,28 +193,46 @@ class BoosterTrainer(Trainer):
             with torch.no_grad():
                 for p, g in zip(params, g_h):
                     p.sub_(g * scale)
-            h1 = self._loss(model, harmful)
-            g_hp = _grads(h1, params)
+            if share is None:
+                h1 = self._loss(model, harmful)
+                g_hp = _grads(h1, params)
+            else:
+                h1, g_hp = self._global_harmful_grads(model, harmful, params, share)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
         return g_h, g_hp, h0.detach(), h1.detach(), norm
 
+    def _global_harmful_grads(self, model, harmful: dict | None, params: list[torch.Tensor],
+                              share: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(local mean loss, sum over processes of share_r * grad_r): the global batch's gradient."""
+        if harmful is None or not bool(share > 0):  # no harmful loss token here: contributes zero
+            loss = torch.zeros((), device=share.device)
+            grads = [torch.zeros_like(p) for p in params]
+        else:
+            loss = self._loss(model, harmful)
+            grads = [g * share.to(device=g.device, dtype=g.dtype) for g in _grads(loss, params)]
+        return loss, distributed.all_reduce_sum_tensors(grads)
+
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
-        harmful = self._prepare_inputs(self.harmful.next())
+        batch = self.harmful.next()  # this process's slice of the global harmful batch (None: empty)
+        harmful = None if batch is None else self._prepare_inputs(batch)
+        share = token_share(harmful, device=self.args.device)  # None in a single process
+        net = model if share is None else distributed.unwrap_ddp(model)  # extra passes: no DDP all-reduce
         params = [p for p in model.parameters() if p.requires_grad]
         with forked_rng(model):  # passes 1-2: the alignment pass below sees a plain SFT step's RNG
-            g_h, g_hp, h0, h1, h_norm = self.harmful_gradients(model, harmful, params)
+            g_h, g_hp, h0, h1, h_norm = self.harmful_gradients(net, harmful, params, share)
         self._extra.add(
             booster_harmful_loss=h0, booster_harmful_loss_perturbed=h1, booster_harmful_grad_norm=h_norm
         )
         ctx = contextlib.nullcontext()
         if self.booster.perturb_aware:  # Vaccine's pass 1 on the alignment batch
             eps, a_norm, _ = activation_perturbation(
-                model, self._perturbation_sites(model), lambda: self._loss(model, inputs), self.booster.rho
+                net, self._perturbation_sites(net), lambda: self._loss(net, inputs), self.booster.rho,
+                share=token_share(inputs),
             )
             self._extra.add(vaccine_grad_norm=a_norm)
             ctx = add_to_outputs(eps)

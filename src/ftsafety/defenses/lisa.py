@@ -43,6 +43,16 @@ Where we differ from the original code, and why:
     RNG, so it neither perturbs nor depends on the user dataloader's shuffling.
   * Alignment batches are passed with `num_items_in_batch=None` (mean over their own tokens): the
     Trainer's count was taken on the discarded user batch.
+
+Several processes (DDP, docs/distributed.md): the state switches depend only on the step counters,
+which every process advances identically, so every process switches at the same step; the anchor and
+the proximal term are elementwise on replicated weights (identical everywhere, added after DDP's
+all-reduce). The alignment batches are sharded like the Trainer shards the user batches: every process
+draws the same global batch of batch_size x processes from the same seeded order and trains on its own
+slice, and the loss is normalised by the loss tokens of the whole global batch (`num_items_in_batch`,
+one all-reduce; what the Trainer does for the user batches), so a step equals the one-process step on
+the same global batch. When the short last batch of a pass leaves a process nothing, it runs a forward
+on one example with every label masked (it adds nothing to the gradient).
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer
 
+from ftsafety import distributed
+from ftsafety.defenses._perturb import loss_tokens
 from ftsafety.errors import FtsafetyError
 
 log = logging.getLogger(__name__)
@@ -78,7 +90,15 @@ class LisaConfig:
 
     def __post_init__(self):
         if self.alignment_steps < 0 or self.finetune_steps < 0:
-            raise FtsafetyError("alignment and fine-tuning steps must be >= 0")
+            raise FtsafetyError(
+                f"alignment and fine-tuning steps must be >= 0, got --alignment-steps {self.alignment_steps} "
+                f"and --finetune-steps {self.finetune_steps}"
+            )
+        if self.alignment_steps == 0 and self.finetune_steps == 0:
+            raise FtsafetyError(
+                "--alignment-steps and --finetune-steps are both 0: Lisa has no state to train in "
+                "(for a plain fine-tune use --alignment-steps 0 with --finetune-steps > 0, or --align-n 0)"
+            )
         if self.alignment_steps > 0 and self.finetune_steps == 0:
             raise FtsafetyError(
                 "finetune steps must be > 0 when alignment steps > 0 (no user batch would be trained on)"
@@ -160,19 +180,55 @@ class LisaTrainer(Trainer):
         self._align_epoch, self._align_pos = int(state["align_epoch"]), int(state["align_pos"])
         self._align_order = None
 
+    # the hooks train_lora's checkpoints call (tensors go to safetensors, the rest to JSON)
+    def defense_state_dict(self) -> dict:
+        return self.state_dict()
+
+    def load_defense_state_dict(self, state: dict) -> None:
+        self._params = None  # the Trainer may have loaded the checkpoint's adapter since the cache was made
+        self.load_state_dict(state)
+
     # -- alignment data ---------------------------------------------------------------------------
 
     def _next_alignment_batch(self) -> dict:
-        """Next batch of the alignment set: seeded reshuffle per pass, cycling like the original."""
+        """Next batch of the alignment set: seeded reshuffle per pass, cycling like the original.
+        Several processes: the global batch is batch_size x processes and this process gets its slice."""
         n, bs = len(self.alignment_dataset), self.args.per_device_train_batch_size
+        world = distributed.world_size()
         if self._align_pos >= n:  # pass finished: next pass, new order
             self._align_epoch, self._align_pos, self._align_order = self._align_epoch + 1, 0, None
         if self._align_order is None:
             gen = torch.Generator().manual_seed(self.args.seed + self._align_epoch)
             self._align_order = torch.randperm(n, generator=gen).tolist()
-        idx = self._align_order[self._align_pos : self._align_pos + bs]
+        idx = self._align_order[self._align_pos : self._align_pos + bs * world]
         self._align_pos += len(idx)
+        if world > 1:
+            return self._local_alignment_batch(idx, bs)
         return self.data_collator([self.alignment_dataset[i] for i in idx])
+
+    def _global_token_mean(self) -> bool:
+        """True when the alignment loss can be normalised over the global batch's tokens (the model
+        takes num_items_in_batch and the Trainer averages tokens across processes, its default)."""
+        return bool(self.model_accepts_loss_kwargs and self.args.average_tokens_across_devices)
+
+    def _local_alignment_batch(self, idx: list[int], bs: int) -> dict:
+        mine = idx[distributed.rank() * bs : (distributed.rank() + 1) * bs]
+        if mine:
+            return self.data_collator([self.alignment_dataset[i] for i in mine])
+        batch = self.data_collator([self.alignment_dataset[idx[0]]])  # the short last batch left nothing here
+        if self._global_token_mean():  # a forward that adds nothing (DDP needs every process's backward)
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        return batch
+
+    def _alignment_inputs(self) -> tuple[dict, torch.Tensor | None]:
+        """The next alignment batch and its num_items_in_batch: None (its own mean) in a single process;
+        with several processes the loss tokens of the global batch times the accumulation steps."""
+        batch = self._next_alignment_batch()
+        if distributed.world_size() == 1 or not self._global_token_mean():
+            return batch, None
+        count = loss_tokens(batch).to(self.args.device).reshape(1)
+        ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        return batch, distributed.all_reduce_sum_(count).reshape(()) * ga
 
     def check_mode(self, inputs: dict, num_items_in_batch):
         """The original `check_mode`: maybe switch state, and swap in an alignment batch if aligning."""
@@ -182,11 +238,11 @@ class LisaTrainer(Trainer):
                 self.status, self.clock = FINETUNE, 0
                 self._set_anchor()
             else:
-                return self._next_alignment_batch(), None
+                return self._alignment_inputs()
         elif self.bso and self.clock >= cfg.finetune_steps and self.steps > 0:
             self.status, self.clock = ALIGNMENT, 0
             self._set_anchor()
-            return self._next_alignment_batch(), None
+            return self._alignment_inputs()
         return inputs, num_items_in_batch
 
     # -- the step ---------------------------------------------------------------------------------

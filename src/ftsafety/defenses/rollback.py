@@ -391,16 +391,17 @@ def validation_examples(dcfg, task: str, val_n: int, finetuned_spec: str) -> lis
 
 
 def fa_metric(tokenizer, examples: list[dict], task: str, template: str, max_new_tokens: int,
-              batch_size: int = 32) -> Callable[[object], float]:
-    """FA (%) of the common evaluator (greedy generation + `is_correct`) on `examples`."""
+              batch_size: int = 64) -> Callable[[object], float]:
+    """FA (%) of the common evaluator (greedy generation + `is_correct`) on `examples`. The prompts are
+    encoded once for all the checks; greedy outputs do not depend on the batch size."""
     from ftsafety.data import format_prompt
-    from ftsafety.evaluation.generate import generate
+    from ftsafety.evaluation.generate import decode, encode_prompts, generate_from_ids
     from ftsafety.evaluation.tasks import is_correct
 
-    prompts = [format_prompt(e, template, tokenizer) for e in examples]
+    encoded = encode_prompts(tokenizer, [format_prompt(e, template, tokenizer) for e in examples])
 
     def metric(model) -> float:
-        outs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        outs = [decode(tokenizer, t) for t in generate_from_ids(model, tokenizer, encoded, max_new_tokens, batch_size)]
         return 100.0 * sum(is_correct(task, o, e["gold"]) for o, e in zip(outs, examples)) / len(examples)
 
     return metric
@@ -409,7 +410,27 @@ def fa_metric(tokenizer, examples: list[dict], task: str, template: str, max_new
 def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, val_n: int = 100,
         fa_max_new_tokens: int = 16, device: str = "auto", seed: int = 42,
         trust_remote_code: bool = False) -> dict:
-    """Load A and F (adapters merged, fp32), recover, write `model/`, `ftsafety_run.json`, `rollback.json`."""
+    """Load A and F (adapters merged, fp32), recover, write `model/`, `ftsafety_run.json`, `rollback.json`.
+
+    Launched with several processes (accelerate launch / torchrun), the main process runs the whole
+    recovery and writes the run (the steps are sequential and each one's gradient is a few small
+    batches: not worth sharding); the other processes wait for it and return its report."""
+    kwargs = {"model": model, "aligned": aligned, "out_dir": out_dir, "dcfg": dcfg, "task": task, "cfg": cfg,
+              "val_n": val_n, "fa_max_new_tokens": fa_max_new_tokens, "device": device, "seed": seed,
+              "trust_remote_code": trust_remote_code}
+    from ftsafety import distributed
+
+    if distributed.launched():
+        from ftsafety.utils import resolve_device
+
+        distributed.init(resolve_device(device))
+        return distributed.run_on_main(_run, **kwargs)
+    return _run(**kwargs)
+
+
+def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, val_n: int = 100,
+         fa_max_new_tokens: int = 16, device: str = "auto", seed: int = 42,
+         trust_remote_code: bool = False) -> dict:
     from ftsafety import data as D
     from ftsafety import models
     from ftsafety.utils import atomic_dir, check_writable_dir, environment, resolve_device, seed_everything

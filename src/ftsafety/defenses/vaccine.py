@@ -19,6 +19,10 @@ with `torch.autograd.grad` (no weight gradient is computed and nothing is zeroed
 accumulation > 1 works; the original's `model.zero_grad()` inside the step breaks it), and runs
 under a forked RNG, so rho = 0 gives exactly the `align` run, dropout included. With gradient
 accumulation, eps is normalised per micro-batch (a step cannot see the later micro-batches).
+
+Several processes (DDP): ||g|| is the norm over the global batch, each process's activation gradients
+weighted by its share of the loss tokens (one all-reduce; the scaling is derived in `_perturb.py` and
+docs/distributed.md), so every example gets the eps of a one-process run on the whole global batch.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ftsafety import distributed
 from ftsafety.defenses._perturb import (
     PERTURB_AT,
     MetricSums,
     activation_perturbation,
     add_to_outputs,
     perturb_targets,
+    refuse_sharded_training,
+    token_share,
 )
 from ftsafety.errors import FtsafetyError
 
@@ -69,13 +76,17 @@ class VaccineConfig:
 
 
 class VaccineTrainer(Trainer):
-    """transformers.Trainer whose training step is Vaccine's two-pass perturbation-aware step."""
+    """transformers.Trainer whose training step is Vaccine's two-pass perturbation-aware step.
+
+    Stateless between steps (eps is recomputed from each batch; `_extra` only feeds the logs), so a
+    checkpoint needs nothing beyond the Trainer's own (no `defense_state_dict`)."""
 
     paper = PAPER
 
     def __init__(self, *args, rho: float = 2.0, perturb_at: str = "attn", **kwargs):
         self.vaccine = VaccineConfig(rho=rho, perturb_at=perturb_at)
         super().__init__(*args, **kwargs)
+        refuse_sharded_training(self, "align-vaccine")
         self._sites: tuple[int, list[nn.Module]] | None = None
         self._extra = MetricSums()
 
@@ -87,13 +98,18 @@ class VaccineTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
+        # several processes: this process's share of the global batch's loss tokens, so that ||g|| is the
+        # norm over the global batch (see _perturb.py); pass 1 then runs on the module inside DDP, which
+        # never arms DDP's gradient all-reduce (autograd.grad writes no parameter gradient anyway)
+        share = token_share(inputs)
+        net = model if share is None else distributed.unwrap_ddp(model)
 
         def clean_loss():  # pass 1: the unperturbed per-batch mean loss (its scale does not matter)
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, dict(inputs))
+                return self.compute_loss(net, dict(inputs))
 
         eps, g_norm, loss1 = activation_perturbation(
-            model, self.perturbation_sites(model), clean_loss, self.vaccine.rho
+            net, self.perturbation_sites(net), clean_loss, self.vaccine.rho, share=share
         )
         self._extra.add(
             vaccine_clean_loss=loss1,

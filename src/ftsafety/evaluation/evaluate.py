@@ -10,11 +10,11 @@ from pathlib import Path
 
 
 from ftsafety import data as D
-from ftsafety import models
+from ftsafety import distributed, models
 from ftsafety.console import console, progress
 from ftsafety.errors import FtsafetyError
-from ftsafety.evaluation.generate import generate
-from ftsafety.evaluation.judges import get_judge, is_incoherent, is_refusal
+from ftsafety.evaluation.generate import generate, generate_with_counts
+from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal
 from ftsafety.evaluation.tasks import is_correct
 from ftsafety.utils import atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_jsonl, write_yaml
 
@@ -41,18 +41,32 @@ class EvalConfig:
             raise FtsafetyError(f"unknown task {self.task!r}; choose one of {', '.join(D.TASKS)} or none")
         for name in ("hs_limit", "fa_limit", "or_limit"):
             if getattr(self, name) < 0:
-                raise FtsafetyError(f"{name.replace('_', ' ')} must be >= 0")
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.fa_max_new_tokens < 1:
-            raise FtsafetyError("batch size and token limits must be >= 1")
+                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 0 (0 skips it), got {getattr(self, name)}")
+        for name in ("batch_size", "max_new_tokens", "fa_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False) -> dict:
-    """Run the evaluator; write `results.json`, `samples.jsonl`, `config.yaml` to `out_dir` (atomically)."""
+    """Run the evaluator; write `results.json`, `samples.jsonl`, `config.yaml` to `out_dir` (atomically).
+
+    Launched with several processes (accelerate launch / torchrun): each process decodes its share of
+    the generation batches (the batches of a one-process run, so the same texts), the texts are
+    gathered back in order, the main process judges and writes, and every process returns its results."""
     if out_dir is not None:
         check_writable_dir(out_dir)
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
+    if distributed.launched():
+        distributed.init(dev)
+    main = distributed.is_main()
+    quiet = quiet or not main  # one progress display and one table
     judge = get_judge(cfg.judge, device=dev)  # fail on a bad judge name before any generation
+    check_judge_spec(cfg.judge)  # and on a judge directory that is not there
+    # every data set is read (and checked) before the model loads: bad data fails in a second
+    hs_items = D.harmful_eval_prompts(cfg.data, cfg.hs_limit) if cfg.hs_limit else []
+    fa_exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit) if cfg.task != "none" and cfg.fa_limit else []
+    or_items = D.benign_eval_instructions(cfg.or_limit) if cfg.or_limit else []
     t_start = time.perf_counter()
     if model is None:
         model, tokenizer, _ = models.load(cfg.model, device=dev)
@@ -67,31 +81,38 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     with progress(disable=quiet) as prog:
         if cfg.hs_limit:
             t0 = time.perf_counter()
-            items = D.harmful_eval_prompts(cfg.data, cfg.hs_limit)
+            items = hs_items
             exs = [{"instruction": it["prompt"], "input": ""} for it in items]
-            responses = generate(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, cfg.batch_size, prog, "harmful prompts")
-            gen_tokens += sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
+            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "harmful prompt",
+                                   "--max-new-tokens")
+            responses, counts = generate_with_counts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog,
+                                                     "harmful prompts", shard=True)
+            gen_tokens += sum(counts)  # tokens generated before EOS, counted by generate (no re-tokenising)
             timings["hs_generation_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            verdicts = judge([it["prompt"] for it in items], responses)
-            timings["hs_judge_s"] = time.perf_counter() - t0
-            flagged = [v.flagged for v in verdicts]
-            incoherent = [is_incoherent(r) for r in responses]
-            n = len(items)
-            results["hs"] = 100.0 * sum(flagged) / n
-            results["hs_plus"] = 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n
-            results["hs_n"] = n
-            results["hs_by_category"] = _by_category(items, flagged)
-            samples += [
-                {"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
-                 "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
-                for it, r, v, inc in zip(items, responses, verdicts, incoherent)
-            ]
+            if main:  # the judge runs on the main process only (its results are shared at the end)
+                t0 = time.perf_counter()
+                verdicts = judge([it["prompt"] for it in items], responses)
+                timings["hs_judge_s"] = time.perf_counter() - t0
+                flagged = [v.flagged for v in verdicts]
+                incoherent = [is_incoherent(r) for r in responses]
+                n = len(items)
+                results["hs"] = 100.0 * sum(flagged) / n
+                results["hs_plus"] = 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n
+                results["hs_n"] = n
+                results["hs_by_category"] = _by_category(items, flagged)
+                samples += [
+                    {"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
+                     "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
+                    for it, r, v, inc in zip(items, responses, verdicts, incoherent)
+                ]
         judge.close()
         if cfg.task != "none" and cfg.fa_limit:
             t0 = time.perf_counter()
-            exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit)
-            outs = generate(model, tokenizer, prompts_for(exs), cfg.fa_max_new_tokens, cfg.batch_size, prog, f"{cfg.task} test")
+            exs = fa_exs
+            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.fa_max_new_tokens, f"{cfg.task} test item",
+                                   "--fa-max-new-tokens")
+            outs = generate(model, tokenizer, prompts, cfg.fa_max_new_tokens, cfg.batch_size, prog, f"{cfg.task} test",
+                            shard=True)
             correct = [is_correct(cfg.task, o, e["gold"]) for o, e in zip(outs, exs)]
             results["fa"] = 100.0 * sum(correct) / len(exs)
             results["fa_n"] = len(exs)
@@ -104,9 +125,11 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             ]
         if cfg.or_limit:
             t0 = time.perf_counter()
-            items = D.benign_eval_instructions(cfg.or_limit)
+            items = or_items
             exs = [{"instruction": it["instruction"], "input": ""} for it in items]
-            outs = generate(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, cfg.batch_size, prog, "benign prompts")
+            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "benign prompt", "--max-new-tokens")
+            outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog, "benign prompts",
+                            shard=True)
             refused = [is_refusal(o) for o in outs]
             results["or"] = 100.0 * sum(refused) / len(items)
             results["or_n"] = len(items)
@@ -117,14 +140,36 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     results["generated_tokens_hs"] = gen_tokens
     results["environment"] = environment()
-    if out_dir is not None:
-        with atomic_dir(out_dir) as tmp:
-            write_yaml(tmp / "config.yaml", dataclasses.asdict(cfg))
-            write_jsonl(tmp / "samples.jsonl", samples)
-            write_json(tmp / "results.json", results)
+
+    def write() -> dict:  # several processes: the main one writes, the others wait and get its results
+        if out_dir is not None:
+            with atomic_dir(out_dir) as tmp:
+                write_yaml(tmp / "config.yaml", dataclasses.asdict(cfg))
+                write_jsonl(tmp / "samples.jsonl", samples)
+                write_json(tmp / "results.json", results)
+        return results
+
+    results = distributed.run_on_main(write)
     if not quiet:
         print_results(results)
     return results
+
+
+def _fit_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what: str, flag: str) -> list[str]:
+    """The prompts, unchanged, once each is known to fit the model's context with its answer; a prompt
+    that does not is a one-line error (a learned-position model would crash mid-run; the others would
+    generate past what they were trained on)."""
+    ctx = models.context_length(model)
+    if not ctx:
+        return prompts
+    for i, p in enumerate(prompts, 1):
+        n = len(tokenizer(p, add_special_tokens=True)["input_ids"])
+        if n + max_new_tokens > ctx:
+            raise FtsafetyError(
+                f"{what} {i} is {n} tokens: with {flag} {max_new_tokens} it is longer than the model's context "
+                f"of {ctx} tokens (shorten the prompts or lower {flag})"
+            )
+    return prompts
 
 
 def _by_category(items: list[dict], flagged: list[bool]) -> dict[str, float]:

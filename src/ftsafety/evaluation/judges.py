@@ -223,6 +223,22 @@ class ClassifierJudge(_ModelJudge):
         return out
 
 
+def check_judge_spec(spec: str) -> None:
+    """Fail fast (before any generation) on a judge given by a local path that is not a model
+    directory; hub ids and built-in names are checked when the judge loads."""
+    from pathlib import Path
+
+    name, _, arg = spec.partition(":")
+    if name not in ("beaver-dam", "llama-guard", "classifier") or not arg:
+        return
+    looks_local = arg.startswith((".", "/", "~")) or arg.count("/") != 1
+    path = Path(arg).expanduser()
+    if looks_local and not path.exists():
+        raise FtsafetyError(f"judge {spec!r}: no such directory {arg} (give a model directory or a hub id owner/name)")
+    if path.exists() and not (path.is_dir() and (path / "config.json").is_file()):
+        raise FtsafetyError(f"judge {spec!r}: {arg} is not a model directory (no config.json)")
+
+
 def get_judge(spec: str, device: torch.device | None = None, trust_remote_code: bool = False, **kw):
     """Build a judge from its name: keyword, beaver-dam[:path], llama-guard[:path], classifier:<path>."""
     device = device or torch.device("cpu")

@@ -1,0 +1,167 @@
+"""Strict loading of nested config dataclasses from YAML and `key=value` overrides.
+
+An unknown key is an error that suggests the nearest known key; a value of the wrong type is an
+error naming the key, the expected type and the value. Nothing is coerced silently except an int
+where a float is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftsafety.errors import FtsafetyError
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping; one-line errors for missing, empty or malformed files."""
+    p = Path(path)
+    if not p.is_file():
+        raise FtsafetyError(f"{p}: recipe file does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FtsafetyError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FtsafetyError(f"{p}: malformed YAML{where}: {problem}") from exc
+    if data is None:
+        raise FtsafetyError(f"{p}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise FtsafetyError(f"{p}: the top level must be a mapping of keys, got a {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """The value of a command-line override, read as YAML (`0.1` -> float, `true` -> bool, `[0, 0.1]` -> list)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "override") -> dict:
+    """Return a copy of `data` with each `a.b.c=value` set (the keys are checked later, by `build`)."""
+    out = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise FtsafetyError(f"{where} {item!r}: expected key=value (for example finetune.harmful_ratio=0.2)")
+        key, value = item.split("=", 1)
+        set_dotted(out, key.strip(), parse_value(value))
+    return out
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = [p for p in key.split(".") if p]
+    if not parts:
+        raise FtsafetyError(f"empty key in override {key!r}")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise FtsafetyError(f"override {key!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def build(cls, data: Any, where: str = "", source: str = "recipe"):
+    """Instantiate dataclass `cls` from a mapping, recursively and strictly."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise FtsafetyError(f"{source}: {where or 'the top level'} must be a mapping, got {_show(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f"; known keys: {', '.join(fields)}"
+            raise FtsafetyError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise FtsafetyError(f"{source}: missing key '{prefix}{missing[0]}'")
+    try:
+        return cls(**kwargs)
+    except FtsafetyError as exc:
+        raise FtsafetyError(f"{source}: {where + ': ' if where else ''}{exc}") from exc
+
+
+def _convert(tp, value, key: str, source: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _convert(a, value, key, source)
+            except FtsafetyError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, source)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise FtsafetyError(f"{source}: {key} must be a list, got {_show(value)}")
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FtsafetyError(f"{source}: {key} must be a mapping, got {_show(value)}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this loader does not know
+        return value
+    raise FtsafetyError(f"{source}: {key} must be {_TYPE_NAMES.get(tp, tp.__name__)}, got {_show(value)}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _show(value) -> str:
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,296 @@
+"""Recipes and pipelines: `ftsafety run RECIPE [key=value ...]`.
+
+A recipe (YAML, loaded strictly) names a model, data and the four stages
+align -> finetune -> post -> evaluate, each with a method and its settings (`ftsafety.stages`).
+A recipe with a `table:` section is a grid: one pipeline per row (its `set:` overrides) and per
+harmful ratio p, which `ftsafety report` lays out like the papers' tables.
+
+Stages are cached by their resolved config: a stage's directory is named by a hash of everything
+that decides its output (its own settings, the data, the seed and its parent stage's hash), so a
+finished stage is reused by every pipeline that shares it, across rows and across runs. A stage is
+finished when its directory holds `stage.json`; one that was interrupted has none and is redone
+(training stages continue from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftsafety import __version__
+from ftsafety import stages as S
+from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
+from ftsafety.data import DataConfig
+from ftsafety.errors import FtsafetyError
+from ftsafety.utils import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+STAGE_MARKER = "stage.json"
+
+
+@dataclass
+class Row:
+    """One row of a table recipe: a label, the overrides that make its pipeline, the papers' figures."""
+
+    name: str
+    set: dict[str, Any] = field(default_factory=dict)
+    paper_hs: dict[str, float] = field(default_factory=dict)  # p (as written, e.g. "0.1") -> HS
+    paper_fa: dict[str, float] = field(default_factory=dict)
+    paper_note: str = ""
+
+
+@dataclass
+class Table:
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    rows: list[Row] = field(default_factory=list)
+    paper_source: str = ""  # what the papers' figures in the table are (model, data, judge)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.ratios:
+            raise FtsafetyError("table.ratios must list at least one harmful ratio p")
+        for p in self.ratios:
+            if not 0.0 <= p <= 1.0:
+                raise FtsafetyError(f"table.ratios: harmful ratio p must be in [0, 1], got {p}")
+        if not self.rows:
+            raise FtsafetyError("table.rows must list at least one row")
+        names = [r.name for r in self.rows]
+        if len(set(names)) != len(names):
+            raise FtsafetyError("table.rows: row names must be unique")
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    model: str = "smollm2-135m"
+    data: str = "builtin"
+    template: str = "alpaca"
+    max_length: int = 256
+    device: str = "auto"
+    seed: int = 42
+    trust_remote_code: bool = False
+    align: S.AlignStage = field(default_factory=S.AlignStage)
+    finetune: S.FinetuneStage = field(default_factory=S.FinetuneStage)
+    post: S.PostStage = field(default_factory=S.PostStage)
+    evaluate: S.EvalStage = field(default_factory=S.EvalStage)
+    table: Table | None = None
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise FtsafetyError(f"recipe name {self.name!r} must be letters, digits, '-', '_' or '.'")
+        if self.post.method != "none" and self.finetune.method == "none":
+            raise FtsafetyError("a post-fine-tuning defense needs a fine-tune stage (finetune.method is none)")
+
+    def common(self, quiet: bool = False) -> S.Common:
+        return S.Common(data=DataConfig(data=self.data, template=self.template, max_length=self.max_length),
+                        device=self.device, seed=self.seed, trust_remote_code=self.trust_remote_code, quiet=quiet)
+
+
+@dataclass
+class Pipeline:
+    recipe: Recipe
+    row: str
+    p: float
+    paper_hs: float | None = None
+    paper_fa: float | None = None
+    paper_note: str = ""
+
+
+@dataclass
+class StagePlan:
+    kind: str  # align | finetune | post | evaluate
+    method: str
+    key: str
+    dir: Path
+    config: dict
+    parent: str  # the model the stage reads: a stage dir or the recipe's model
+    aligned: str = ""  # rollback's aligned model: the align stage's dir or the recipe's model
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / STAGE_MARKER).is_file()
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
+    """A recipe and the raw mapping it came from (after `key=value` overrides)."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    return build(Recipe, raw, source=str(path)), raw
+
+
+def pipelines(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[Pipeline]]:
+    """Every pipeline a recipe describes (one per table row and p, or just one), each validated."""
+    recipe, raw = load_recipe(path, overrides)
+    if recipe.table is None:
+        return recipe, [Pipeline(recipe, recipe.name, recipe.finetune.harmful_ratio)]
+    base = {k: v for k, v in raw.items() if k != "table"}
+    out = []
+    for row in recipe.table.rows:
+        for p in recipe.table.ratios:
+            data = apply_overrides(base, [], str(path))
+            for key, value in row.set.items():
+                set_dotted(data, key, value)
+            set_dotted(data, "finetune.harmful_ratio", p)
+            r = build(Recipe, data, source=f"{path} (row {row.name!r}, p={p:g})")
+            pk = f"{p:g}"
+            out.append(Pipeline(r, row.name, p, _paper(row.paper_hs, pk), _paper(row.paper_fa, pk), row.paper_note))
+    return recipe, out
+
+
+def _paper(figures: dict[str, float], p: str) -> float | None:
+    for k, v in figures.items():
+        try:
+            if f"{float(k):g}" == p:
+                return v
+        except ValueError:
+            raise FtsafetyError(f"paper figures must be keyed by p (a number), got {k!r}") from None
+    return None
+
+
+def _hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _data_key(recipe: Recipe) -> dict:
+    d = recipe.data
+    if d not in ("builtin", "hub") and Path(d).expanduser().is_dir():
+        d = str(Path(d).expanduser().resolve())
+    return {"data": d, "template": recipe.template, "max_length": recipe.max_length}
+
+
+def plan(pipe: Pipeline, runs_dir: Path) -> list[StagePlan]:
+    """The stages of one pipeline, each with its cache key and directory."""
+    r = pipe.recipe
+    common = {"version": __version__.split("+")[0], "data": _data_key(r), "seed": r.seed}
+    stages_dir = runs_dir / "stages"
+    out: list[StagePlan] = []
+    parent, parent_key, aligned = r.model, _hash({"model": r.model}), r.model
+
+    def add(kind: str, method: str, config: dict) -> StagePlan:
+        nonlocal parent, parent_key
+        key = _hash({"kind": kind, "parent": parent_key, "config": config, **common})
+        sp = StagePlan(kind, method, key, stages_dir / f"{kind}-{method}-{key}", config, parent, aligned)
+        out.append(sp)
+        parent, parent_key = str(sp.dir), key
+        return sp
+
+    if r.align.method != "none":
+        aligned = str(add("align", r.align.method, r.align.resolved()).dir)
+        aligned_key = out[-1].key
+    else:
+        aligned_key = r.model
+    if r.finetune.method != "none":
+        add("finetune", r.finetune.method, r.finetune.resolved())
+    if r.post.method != "none":
+        cfg = r.post.resolved()
+        if r.post.method == "rollback":  # it also reads the aligned model and the task
+            cfg = {**cfg, "aligned": aligned_key, "task": r.finetune.task}
+        add("post", r.post.method, cfg)
+    add("evaluate", r.evaluate.judge.split(":")[0], {**dataclasses.asdict(r.evaluate), "task": r.finetune.task})
+    return out
+
+
+def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False) -> dict:
+    """Run one stage into its directory and mark it finished; returns its summary."""
+    r = pipe.recipe
+    c = r.common(quiet)
+    t0 = time.perf_counter()
+    if sp.kind == "align":
+        summary = S.align(r.align, sp.parent, sp.dir, c)
+    elif sp.kind == "finetune":
+        summary = S.finetune(r.finetune, sp.parent, sp.dir, c)
+    elif sp.kind == "post":
+        summary = S.post(r.post, sp.parent, sp.aligned, r.finetune.task, sp.dir, c)
+    else:
+        summary = S.evaluate(r.evaluate, sp.parent, r.finetune.task, sp.dir, c)
+    seconds = time.perf_counter() - t0
+    write_json(sp.dir / STAGE_MARKER, {"kind": sp.kind, "method": sp.method, "key": sp.key, "parent": sp.parent,
+                                       "config": sp.config, "seconds": round(seconds, 2), "version": __version__})
+    return {"seconds": seconds, "summary": summary}
+
+
+def describe(pipes: list[Pipeline], runs_dir: Path) -> str:
+    """What `--dry-run` prints: every distinct stage with its resolved config and cache state."""
+    seen: dict[str, StagePlan] = {}
+    lines = []
+    for pipe in pipes:
+        steps = plan(pipe, runs_dir)
+        lines.append(f"# {pipe.row} (p={pipe.p:g}): " + " -> ".join(f"{s.kind}:{s.method}" for s in steps))
+        for s in steps:
+            if s.key in seen:
+                lines.append(f"  {s.kind}-{s.method} {s.key}: shared with an earlier pipeline")
+                continue
+            seen[s.key] = s
+            state = "cached" if s.done else "to run"
+            lines.append(f"  {s.kind}-{s.method} {s.key} ({state}) -> {s.dir}")
+            lines.append(f"    reads: {s.parent}")
+            lines += ["    " + ln for ln in yaml.safe_dump(s.config, sort_keys=False).rstrip().splitlines()]
+    todo = sum(1 for s in seen.values() if not s.done)
+    lines.append(f"{len(pipes)} pipelines, {len(seen)} distinct stages, {todo} to run, {len(seen) - todo} cached")
+    return "\n".join(lines)
+
+
+def record_path(runs_dir: Path, recipe: Recipe, pipe: Pipeline) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", pipe.row).strip("-") or "row"
+    return runs_dir / "pipelines" / recipe.name / f"{slug}-p{pipe.p:g}.json"
+
+
+def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path, quiet: bool = False,
+            only: list[str] | None = None, echo=print) -> tuple[Recipe, list[dict]]:
+    """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
+    recipe, pipes = pipelines(path, overrides)
+    if only:
+        unknown = sorted(set(only) - {p.row for p in pipes})
+        if unknown:
+            raise FtsafetyError(f"--only: no row named {', '.join(map(repr, unknown))} in {path}; rows: "
+                                f"{', '.join(dict.fromkeys(p.row for p in pipes))}")
+        pipes = [p for p in pipes if p.row in only]
+    runs_dir = Path(runs_dir)
+    plans = [plan(p, runs_dir) for p in pipes]
+    distinct = {s.key: s for ps in plans for s in ps}
+    total, n = sum(1 for s in distinct.values() if not s.done), 0
+    echo(f"{recipe.name}: {len(pipes)} pipelines, {len(distinct)} distinct stages, {total} to run")
+    records = []
+    t_start = time.perf_counter()
+    for pipe, steps in zip(pipes, plans):
+        stage_rows = []
+        for s in steps:
+            if s.done:
+                info = json.loads((s.dir / STAGE_MARKER).read_text())
+                stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
+                                   "cached": True, "seconds": info.get("seconds")})
+                continue
+            n += 1
+            echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}) -> {s.dir}")
+            res = run_stage(s, pipe, quiet=quiet)
+            stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
+                               "cached": False, "seconds": round(res["seconds"], 2)})
+        results = json.loads((steps[-1].dir / "results.json").read_text())
+        rec = {
+            "recipe": recipe.name, "row": pipe.row, "p": pipe.p, "model": pipe.recipe.model,
+            "data": pipe.recipe.data, "task": pipe.recipe.finetune.task, "judge": results.get("judge", {}),
+            "results": {k: results.get(k) for k in ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")},
+            "paper": {"hs": pipe.paper_hs, "fa": pipe.paper_fa, "note": pipe.paper_note},
+            "paper_source": recipe.table.paper_source if recipe.table else "",
+            "stages": stage_rows, "methods": [f"{s['kind']}:{s['method']}" for s in stage_rows],
+            "row_order": [p.row for p in pipes].index(pipe.row), "date": time.strftime("%Y-%m-%d"),
+            "environment_eval": results.get("environment", {}),
+        }
+        write_json(record_path(runs_dir, recipe, pipe), rec)
+        records.append(rec)
+    echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({n} stages run, "
+         f"{len(distinct) - total} reused)")
+    atomic_write_text(runs_dir / "pipelines" / recipe.name / "recipe.yaml",
+                      yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    return recipe, records

@@ -1,0 +1,180 @@
+"""`ftsafety report RUNS_DIR`: the results table of a recipe's pipelines, rebuilt from their records.
+
+Writes `table.md` (laid out like the papers' tables: one row per method, HS then FA per harmful ratio
+p and their average, the paper's figure in parentheses), `table.csv`, `table.json` and `hs_fa.png`
+(HS against FA per method). Every figure comes from the pipeline records that `ftsafety run` wrote
+under RUNS_DIR/pipelines/<recipe>/, each of which points at its evaluation run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+from ftsafety.errors import FtsafetyError
+from ftsafety.utils import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_records(runs_dir: str | Path, recipe: str | None = None) -> tuple[str, list[dict]]:
+    root = Path(runs_dir) / "pipelines"
+    if not root.is_dir():
+        raise FtsafetyError(f"{runs_dir}: no pipelines/ directory (run `ftsafety run RECIPE --runs {runs_dir}` first)")
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob("*.json")))
+    if not names:
+        raise FtsafetyError(f"{root}: no pipeline records")
+    if recipe is None:
+        if len(names) > 1:
+            raise FtsafetyError(f"{runs_dir} holds several recipes ({', '.join(names)}); pick one with --recipe")
+        recipe = names[0]
+    elif recipe not in names:
+        raise FtsafetyError(f"{runs_dir}: no records of recipe {recipe!r}; found {', '.join(names)}")
+    records = []
+    for path in sorted((root / recipe).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FtsafetyError(f"{path}: not valid JSON ({exc.msg})") from exc
+        ev = Path(rec["stages"][-1]["dir"])
+        if (ev / "results.json").is_file():  # the evaluation run is the source of truth
+            res = json.loads((ev / "results.json").read_text())
+            rec["results"] = {k: res.get(k) for k in ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")}
+        records.append(rec)
+    records.sort(key=lambda r: (r.get("row_order", 0), r["p"]))
+    return recipe, records
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def build_table(records: list[dict]) -> dict:
+    """Rows (methods in recipe order) x columns (HS and FA per p, plus their average)."""
+    ratios = sorted({r["p"] for r in records})
+    rows: dict[str, dict] = {}
+    for rec in records:
+        row = rows.setdefault(rec["row"], {"row": rec["row"], "methods": rec.get("methods", []), "hs": {}, "fa": {},
+                                           "paper_hs": {}, "paper_fa": {}, "note": rec["paper"].get("note", ""),
+                                           "seconds": {}})
+        p = f"{rec['p']:g}"
+        row["hs"][p] = rec["results"].get("hs")
+        row["fa"][p] = rec["results"].get("fa")
+        row["paper_hs"][p] = rec["paper"].get("hs")
+        row["paper_fa"][p] = rec["paper"].get("fa")
+        row["seconds"][p] = sum(s.get("seconds") or 0 for s in rec["stages"])
+    for row in rows.values():
+        for m in ("hs", "fa"):
+            vals = [v for v in row[m].values() if v is not None]
+            row[f"{m}_avg"] = sum(vals) / len(vals) if len(vals) == len(ratios) else None
+    return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values())}
+
+
+def markdown(table: dict, meta: dict) -> str:
+    ps = table["ratios"]
+    head = ["Method"] + [f"HS p={p}" for p in ps] + ["HS avg"] + [f"FA p={p}" for p in ps] + ["FA avg"]
+    lines = [f"# {meta['title']}", "",
+             f"{meta['date']} · {meta['machine']} · model `{meta['model']}` · data `{meta['data']}` · "
+             f"task {meta['task']} · judge `{meta['judge']}`", "",
+             f"Command: `{meta['command']}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for row in table["rows"]:
+        cells = [row["row"]]
+        for m in ("hs", "fa"):
+            for p in ps:
+                ours, paper = _fmt(row[m].get(p)), row[f"paper_{m}"].get(p)
+                cells.append(ours if paper is None else f"{ours} ({paper:.1f})")
+            cells.append(_fmt(row[f"{m}_avg"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "HS: harmful score, % of held-out harmful prompts whose answer the judge flags (lower is better). "
+              "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
+              "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns."]
+    if meta.get("paper_source"):
+        lines += ["", f"In parentheses: the paper's figure — {meta['paper_source']}. "
+                  "Our setting differs (model, data size, judge), so compare the direction of each change, "
+                  "not the level."]
+    notes = [f"- **{r['row']}**: {r['note']}" for r in table["rows"] if r["note"]]
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "Pipelines (stage:method, in order):", ""]
+    lines += [f"- {r['row']}: {' → '.join(r['methods'])}" for r in table["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "p", "hs", "fa", "paper_hs", "paper_fa", "pipeline_seconds"])
+    for row in table["rows"]:
+        for p in table["ratios"]:
+            w.writerow([row["row"], p, row["hs"].get(p), row["fa"].get(p), row["paper_hs"].get(p),
+                        row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1)])
+    return buf.getvalue()
+
+
+def plot(table: dict, path: Path, title: str) -> bool:
+    """HS against FA, one marker per method and p; False (with a warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'ftsafety[plot]'): no %s", path.name)
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    markers = "os^Dv<>P*X"
+    for i, row in enumerate(table["rows"]):
+        pts = [(row["fa"].get(p), row["hs"].get(p), p) for p in table["ratios"]]
+        pts = [t for t in pts if t[0] is not None and t[1] is not None]
+        if not pts:
+            continue
+        ax.plot([t[0] for t in pts], [t[1] for t in pts], marker=markers[i % len(markers)], linestyle=":",
+                label=row["row"])
+        for fa, hs, p in pts:
+            ax.annotate(f"p={p}", (fa, hs), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("FA: fine-tune accuracy (%)  → better")
+    ax.set_ylabel("HS: harmful score (%)  ↓ better")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None = None,
+                 command: str = "") -> dict:
+    name, records = load_records(runs_dir, recipe)
+    table = build_table(records)
+    first = records[0]
+    env = first.get("environment_eval", {})
+    meta = {
+        "title": f"ftsafety results: {name}", "date": time.strftime("%Y-%m-%d"),
+        "machine": _machine(env), "model": first["model"], "data": first["data"], "task": first["task"],
+        "judge": first.get("judge", {}).get("name", "?"), "paper_source": first.get("paper_source", ""),
+        "command": command or f"ftsafety report {runs_dir}",
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "table.md", markdown(table, meta))
+    atomic_write_text(out / "table.csv", to_csv(table))
+    write_json(out / "table.json", {"meta": meta, **table})
+    plot(table, out / "hs_fa.png", f"{name}: HS vs FA ({meta['model']}, judge {meta['judge']})")
+    return {"meta": meta, "table": table, "out": str(out)}
+
+
+def _machine(env: dict) -> str:
+    cuda = env.get("cuda")
+    threads = env.get("cpu_threads")
+    if cuda:
+        return f"{cuda}"
+    return f"{platform.machine()} CPU, {threads} threads" if threads else platform.machine()

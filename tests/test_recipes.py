@@ -1,0 +1,147 @@
+"""Recipes: every file under recipes/ loads strictly; the smoke recipes run end to end, reuse their
+cached stages on a rerun and rebuild the table from run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftsafety import pipeline
+from ftsafety.errors import FtsafetyError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ALL = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def test_the_recipe_tree_is_not_empty():
+    kinds = {p.parent.name for p in ALL}
+    assert {"small", "smoke", "paper"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(RECIPES)) for p in ALL])
+def test_every_recipe_loads_and_says_what_it_reproduces(path, tmp_path):
+    text = path.read_text()
+    head = [ln for ln in text.splitlines() if ln.startswith("#")]
+    assert head and text.startswith("#"), "a recipe starts with a comment"
+    assert any("Reproduces:" in ln for ln in head), "the comment says what it reproduces"
+    assert any("ftsafety run" in ln or "make " in ln for ln in head), "the comment gives the command"
+    recipe, pipes = pipeline.pipelines(path)
+    assert pipes and all(p.recipe.name == recipe.name for p in pipes)
+    for p in pipes:  # every pipeline plans (keys and directories) without touching a model
+        steps = pipeline.plan(p, tmp_path)
+        assert steps[-1].kind == "evaluate"
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+STRICT = {
+    "unknown top key": ("name: x\nmodle: tiny-opt\n", "unknown key 'modle' (did you mean 'model'?)"),
+    "unknown nested key": ("name: x\nfinetune: {harmfull_ratio: 0.1}\n",
+                           "unknown key 'finetune.harmfull_ratio' (did you mean 'finetune.harmful_ratio'?)"),
+    "wrong type": ("name: x\nfinetune: {n: lots}\n", "finetune.n must be an integer, got 'lots'"),
+    "bool for a number": ("name: x\nalign: {train: {lr: true}}\n", "align.train.lr must be a number"),
+    "section given a value": ("name: x\nalign: sft\n", "align must be a mapping"),
+    "bad method": ("name: x\nalign: {method: magic}\n", "unknown align method 'magic'"),
+    "p out of range": ("name: x\nfinetune: {harmful_ratio: 1.5}\n", "harmful ratio p must be in [0, 1]"),
+    "empty file": ("", "the recipe is empty"),
+    "malformed yaml": ("name: x\nalign: {method: sft\n", "malformed YAML"),
+    "list at top": ("- a\n- b\n", "the top level must be a mapping"),
+    "missing name": ("model: tiny-opt\n", "name"),
+    "table row unknown key": ("name: x\ntable: {rows: [{name: a, sett: {}}]}\n", "did you mean 'table.rows[0].set'"),
+    "row sets unknown key": ("name: x\ntable: {rows: [{name: a, set: {align.mehtod: sft}}]}\n",
+                             "unknown key 'align.mehtod'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT))
+def test_recipes_load_strictly(case, tmp_path):
+    text, message = STRICT[case]
+    with pytest.raises(FtsafetyError) as exc:
+        pipeline.pipelines(_write(tmp_path, text))
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_overrides_are_checked_like_the_file(tmp_path):
+    path = RECIPES / "smoke" / "tiny-opt.yaml"
+    _, pipes = pipeline.pipelines(path, ["finetune.n=20", "table.ratios=[0.5]"])
+    assert {p.p for p in pipes} == {0.5} and all(p.recipe.finetune.n == 20 for p in pipes)
+    with pytest.raises(FtsafetyError, match="did you mean 'finetune.n'"):
+        pipeline.pipelines(path, ["finetune.nn=20"])
+    with pytest.raises(FtsafetyError, match="expected key=value"):
+        pipeline.pipelines(path, ["finetune.n"])
+
+
+def test_stage_keys_share_what_is_shared(tmp_path):
+    """SFT, Antidote and rollback at one p share their align and finetune stages; Vaccine does not."""
+    _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml")
+    plans = {(p.row, p.p): pipeline.plan(p, tmp_path) for p in pipes}
+    sft, anti, vac = plans[("SFT", 0.25)], plans[("Antidote", 0.25)], plans[("Vaccine", 0.25)]
+    assert [s.key for s in sft[:2]] == [s.key for s in anti[:2]]
+    assert sft[0].key != vac[0].key and sft[1].key != vac[1].key  # a new parent changes the child's key
+    assert plans[("SFT", 0.0)][0].key == sft[0].key and plans[("SFT", 0.0)][1].key != sft[1].key
+    assert [s.kind for s in plans[("Non-aligned", 0.25)]] == ["finetune", "evaluate"]
+    roll = plans[("Rollback", 0.25)][2]
+    assert roll.aligned == str(sft[0].dir)
+    # a key that does not decide a stage's output (another method's knobs) leaves its key alone
+    _, pipes2 = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml", ["align.vaccine.rho=7"])
+    sft2 = next(pipeline.plan(p, tmp_path) for p in pipes2 if (p.row, p.p) == ("SFT", 0.25))
+    assert sft2[0].key == sft[0].key
+
+
+def test_smoke_table_runs_reuses_its_stages_and_reports(tmp_path, cli):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--runs", str(runs), "--results", str(results), "-q")
+    assert r.returncode == 0, r.stderr
+    assert "16 pipelines, 37 distinct stages, 37 to run" in r.stdout
+    table = json.loads((results / "table.json").read_text())
+    assert [row["row"] for row in table["rows"]][:3] == ["Non-aligned", "SFT", "Vaccine"]
+    assert len(table["rows"]) == 8 and table["ratios"] == ["0", "0.25"]
+    for row in table["rows"]:
+        assert all(row["hs"][p] is not None and row["fa"][p] is not None for p in table["ratios"])
+    md = (results / "table.md").read_text()
+    assert "| Method | HS p=0 | HS p=0.25 | HS avg | FA p=0 | FA p=0.25 | FA avg |" in md
+    assert (results / "table.csv").read_text().count("\n") == 1 + 16
+    # the rerun finds every stage finished and runs none
+    r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--runs", str(runs), "-q")
+    assert r.returncode == 0 and "37 distinct stages, 0 to run" in r.stdout, r.stdout
+    # a stage that was interrupted (no stage.json) is redone; the others are reused
+    victim = next((runs / "stages").glob("evaluate-*"))
+    (victim / pipeline.STAGE_MARKER).unlink()
+    r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--runs", str(runs), "-q")
+    assert "37 distinct stages, 1 to run" in r.stdout
+    # report rebuilds the same table from the run directories alone
+    r = cli("report", str(runs), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    again = json.loads((tmp_path / "again" / "table.json").read_text())["rows"]
+    assert [(r["row"], r["hs"], r["fa"]) for r in again] == [(r["row"], r["hs"], r["fa"]) for r in table["rows"]]
+
+
+def test_smoke_llama_stack_runs(tmp_path, cli):
+    runs = tmp_path / "runs"
+    r = cli("run", str(RECIPES / "smoke" / "tiny-llama.yaml"), "--runs", str(runs), "-q")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(next((runs / "pipelines" / "smoke-tiny-llama").glob("*.json")).read_text())
+    assert rec["methods"] == ["align:vaccine", "finetune:lisa", "post:rollback", "evaluate:keyword"]
+    cfg = (Path(rec["stages"][1]["dir"]) / "config.yaml").read_text()
+    assert "stage: finetune-lisa" in cfg
+
+
+def test_dry_run_prints_resolved_stages_and_runs_nothing(tmp_path, cli):
+    r = cli("run", str(RECIPES / "small" / "table.yaml"), "--runs", str(tmp_path / "runs"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "align-booster" in r.stdout and "lam: 5.0" in r.stdout and "to run" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_report_errors_are_one_line(tmp_path, cli):
+    r = cli("report", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "no pipelines/ directory" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", str(tmp_path / "missing.yaml"))
+    assert r.returncode != 0 and "recipe file does not exist" in r.stderr
