@@ -148,27 +148,29 @@ class Bench:
 
     def memory(self, method: str) -> dict:
         """Peak memory of --warmup + 1 steps of `method` alone (call first in a fresh process on CPU)."""
-        cuda = self.dev.type == "cuda"
         self.runner(method)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            reset_ok = _reset_peak_rss()
-            base = _rss_kib() * 1024
-        for _ in range(self.args.warmup + 1):
-            self.step(method)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated()
-            how = "CUDA max_memory_allocated"
-        else:
-            peak = (
-                _rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            ) * 1024
-            how = "peak RSS (VmHWM after clear_refs)" if reset_ok else "ru_maxrss"
-        return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20, "memory_measure": how}
+        return peak_memory(lambda: self.step(method), self.args.warmup + 1, self.dev)
+
+
+def peak_memory(step, n_steps: int, dev: torch.device) -> dict:
+    """Peak memory of `n_steps` calls of `step`, and the part above what was allocated before the first."""
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_ok = _reset_peak_rss()
+        base = _rss_kib() * 1024
+    for _ in range(n_steps):
+        step()
+    if cuda:
+        peak, how = torch.cuda.max_memory_allocated(), "CUDA max_memory_allocated"
+    else:
+        peak = (_rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        how = "peak RSS (VmHWM after clear_refs)" if reset_ok else "ru_maxrss"
+    return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20, "memory_measure": how}
 
 
 def _parser() -> argparse.ArgumentParser:

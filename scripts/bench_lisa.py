@@ -110,27 +110,9 @@ class _Setup:
 
     def memory(self, name: str, warmup: int) -> dict:
         """Peak memory of warmup + 1 steps of `name` alone (first thing in a fresh process on CPU)."""
-        from bench_alignment import _reset_peak_rss, _rss_kib
+        from bench_alignment import peak_memory
 
-        cuda = self.dev.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            reset_ok = _reset_peak_rss()
-            base = _rss_kib() * 1024
-        for _ in range(warmup + 1):
-            self.step(name)
-        if cuda:
-            peak, how = torch.cuda.max_memory_allocated(), "CUDA max_memory_allocated"
-        else:
-            import resource
-
-            peak = (_rss_kib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-            how = "peak RSS (VmHWM after clear_refs)" if reset_ok else "ru_maxrss"
-        return {"peak_mib": peak / 2**20, "extra_mib": (peak - base) / 2**20, "memory_measure": how}
+        return peak_memory(lambda: self.step(name), warmup + 1, self.dev)
 
 
 def _parser() -> argparse.ArgumentParser:

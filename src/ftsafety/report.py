@@ -138,6 +138,8 @@ def plot(table: dict, path: Path, title: str) -> bool:
                 label=row["row"])
         for fa, hs, p in pts:
             ax.annotate(f"p={p}", (fa, hs), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
     ax.set_xlabel("FA: fine-tune accuracy (%)  → better")
     ax.set_ylabel("HS: harmful score (%)  ↓ better")
     ax.set_title(title, fontsize=10)
