@@ -70,8 +70,9 @@ def test_recipes_load_strictly(case, tmp_path):
 
 def test_overrides_are_checked_like_the_file(tmp_path):
     path = RECIPES / "smoke" / "tiny-opt.yaml"
-    _, pipes = pipeline.pipelines(path, ["finetune.n=20", "table.ratios=[0.5]"])
+    _, pipes = pipeline.pipelines(path, ["finetune.n=20", "table.ratios=[0.5]", "finetune.train.lr=5e-5"])
     assert {p.p for p in pipes} == {0.5} and all(p.recipe.finetune.n == 20 for p in pipes)
+    assert all(p.recipe.finetune.train.lr == 5e-5 for p in pipes)  # YAML 1.1 would read "5e-5" as a string
     with pytest.raises(FtsafetyError, match="did you mean 'finetune.n'"):
         pipeline.pipelines(path, ["finetune.nn=20"])
     with pytest.raises(FtsafetyError, match="expected key=value"):

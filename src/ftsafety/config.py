@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -45,9 +46,15 @@ def load_yaml(path: str | Path) -> dict:
 def parse_value(text: str) -> Any:
     """The value of a command-line override, read as YAML (`0.1` -> float, `true` -> bool, `[0, 0.1]` -> list)."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string; on the command line it is a number
+    return value
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str = "override") -> dict:
