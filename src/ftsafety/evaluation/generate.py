@@ -342,19 +342,7 @@ def generate_with_counts(model, tokenizer, prompts: list[str], max_new_tokens: i
     return [decode(tokenizer, t) for t in toks], [len(t) for t in toks]
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 128,
-    batch_size: int = 32,
-    progress=None,
-    description: str = "generating",
-    max_prompt_tokens: int | None = None,
-    engine: str = "auto",
-    shard: bool = False,
-) -> list[str]:
-    """Return one completion per prompt, in the prompts' order. batch_size=1 is the one-prompt-at-a-time
-    way of the original repos' pred.py."""
-    return generate_with_counts(model, tokenizer, prompts, max_new_tokens, batch_size, progress, description,
-                                max_prompt_tokens, engine, shard)[0]
+def generate(model, tokenizer, prompts: list[str], *args, **kwargs) -> list[str]:
+    """Return one completion per prompt, in the prompts' order (the arguments of `generate_tokens`).
+    batch_size=1 is the one-prompt-at-a-time way of the original repos' pred.py."""
+    return generate_with_counts(model, tokenizer, prompts, *args, **kwargs)[0]
