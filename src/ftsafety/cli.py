@@ -59,7 +59,7 @@ def align(
     from ftsafety import stages
 
     _setup(verbose, quiet)
-    _, tcfg, lora = _train_configs(opts)
+    tcfg, lora = _train_configs(opts)
     st = stages.AlignStage(method="sft", n=n, benign_ratio=benign_ratio, train=tcfg, lora=lora)
     out = out or _default_out("align", resume)
     _done(out, stages.align(st, model, out, _common(opts), resume=resume))
@@ -99,7 +99,7 @@ def finetune(
     from ftsafety import stages
 
     _setup(verbose, quiet)
-    _, tcfg, lora = _train_configs(opts)
+    tcfg, lora = _train_configs(opts)
     st = stages.FinetuneStage(method="sft", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora)
     out = out or _default_out("finetune", resume)
     _done(out, stages.finetune(st, model, out, _common(opts), resume=resume))

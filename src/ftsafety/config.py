@@ -7,6 +7,7 @@ where a float is expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -59,7 +60,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def apply_overrides(data: dict, overrides: list[str], where: str = "override") -> dict:
     """Return a copy of `data` with each `a.b.c=value` set (the keys are checked later, by `build`)."""
-    out = _deepcopy(data)
+    out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise FtsafetyError(f"{where} {item!r}: expected key=value (for example finetune.harmful_ratio=0.2)")
@@ -81,14 +82,6 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
             raise FtsafetyError(f"override {key!r}: {p!r} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
-
-
-def _deepcopy(x):
-    if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
 
 
 def build(cls, data: Any, where: str = "", source: str = "recipe"):

@@ -14,6 +14,7 @@ finished when its directory holds `stage.json`; one that was interrupted has non
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ from ftsafety.utils import atomic_write_text, write_json
 log = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
+RESULT_KEYS = ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")  # what a pipeline record keeps
 
 
 @dataclass
@@ -137,7 +139,7 @@ def pipelines(path: str | Path, overrides: list[str] | None = None) -> tuple[Rec
     out = []
     for row in recipe.table.rows:
         for p in recipe.table.ratios:
-            data = apply_overrides(base, [], str(path))
+            data = copy.deepcopy(base)
             for key, value in row.set.items():
                 set_dotted(data, key, value)
             set_dotted(data, "finetune.harmful_ratio", p)
@@ -241,6 +243,17 @@ def describe(pipes: list[Pipeline], runs_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def select(pipes: list[Pipeline], only: list[str] | None, path) -> list[Pipeline]:
+    """The pipelines of the rows named by --only (all when none is named); an unknown row is an error."""
+    if not only:
+        return pipes
+    unknown = sorted(set(only) - {p.row for p in pipes})
+    if unknown:
+        raise FtsafetyError(f"--only: no row named {', '.join(map(repr, unknown))} in {path}; rows: "
+                            f"{', '.join(dict.fromkeys(p.row for p in pipes))}")
+    return [p for p in pipes if p.row in only]
+
+
 def record_path(runs_dir: Path, recipe: Recipe, pipe: Pipeline) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", pipe.row).strip("-") or "row"
     return runs_dir / "pipelines" / recipe.name / f"{slug}-p{pipe.p:g}.json"
@@ -250,12 +263,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
             only: list[str] | None = None, echo=print) -> tuple[Recipe, list[dict]]:
     """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
     recipe, pipes = pipelines(path, overrides)
-    if only:
-        unknown = sorted(set(only) - {p.row for p in pipes})
-        if unknown:
-            raise FtsafetyError(f"--only: no row named {', '.join(map(repr, unknown))} in {path}; rows: "
-                                f"{', '.join(dict.fromkeys(p.row for p in pipes))}")
-        pipes = [p for p in pipes if p.row in only]
+    pipes = select(pipes, only, path)
     runs_dir = Path(runs_dir)
     plans = [plan(p, runs_dir) for p in pipes]
     distinct = {s.key: s for ps in plans for s in ps}
@@ -266,21 +274,20 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
     for pipe, steps in zip(pipes, plans):
         stage_rows = []
         for s in steps:
-            if s.done:
-                info = json.loads((s.dir / STAGE_MARKER).read_text())
-                stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
-                                   "cached": True, "seconds": info.get("seconds")})
-                continue
-            n += 1
-            echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}) -> {s.dir}")
-            res = run_stage(s, pipe, quiet=quiet)
+            cached = s.done
+            if cached:
+                seconds = json.loads((s.dir / STAGE_MARKER).read_text()).get("seconds")
+            else:
+                n += 1
+                echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}) -> {s.dir}")
+                seconds = round(run_stage(s, pipe, quiet=quiet)["seconds"], 2)
             stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
-                               "cached": False, "seconds": round(res["seconds"], 2)})
+                               "cached": cached, "seconds": seconds})
         results = json.loads((steps[-1].dir / "results.json").read_text())
         rec = {
             "recipe": recipe.name, "row": pipe.row, "p": pipe.p, "model": pipe.recipe.model,
             "data": pipe.recipe.data, "task": pipe.recipe.finetune.task, "judge": results.get("judge", {}),
-            "results": {k: results.get(k) for k in ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")},
+            "results": {k: results.get(k) for k in RESULT_KEYS},
             "paper": {"hs": pipe.paper_hs, "fa": pipe.paper_fa, "note": pipe.paper_note},
             "paper_source": recipe.table.paper_source if recipe.table else "",
             "stages": stage_rows, "methods": [f"{s['kind']}:{s['method']}" for s in stage_rows],

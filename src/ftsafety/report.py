@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ftsafety.errors import FtsafetyError
+from ftsafety.pipeline import RESULT_KEYS
 from ftsafety.utils import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def load_records(runs_dir: str | Path, recipe: str | None = None) -> tuple[str, 
         ev = Path(rec["stages"][-1]["dir"])
         if (ev / "results.json").is_file():  # the evaluation run is the source of truth
             res = json.loads((ev / "results.json").read_text())
-            rec["results"] = {k: res.get(k) for k in ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")}
+            rec["results"] = {k: res.get(k) for k in RESULT_KEYS}
         records.append(rec)
     records.sort(key=lambda r: (r.get("row_order", 0), r["p"]))
     return recipe, records

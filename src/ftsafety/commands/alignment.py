@@ -41,7 +41,7 @@ def _train(method: str, o: dict, **defense) -> None:
     """What `align` does (same data, config and run directory) with an alignment-stage defense."""
     from ftsafety import stages
 
-    _, tcfg, lora = _train_configs(o)
+    tcfg, lora = _train_configs(o)
     st = stages.AlignStage(method=method, n=o["n"], benign_ratio=o["benign_ratio"], train=tcfg, lora=lora, **defense)
     out = o["out"] or _default_out(f"align-{method}", o["resume"])
     _done(out, stages.align(st, o["model"], out, _common(o), resume=o["resume"]))

@@ -41,13 +41,11 @@ def _default_out(command: str, resume: bool = False) -> Path:
 
 
 def _train_configs(opts: dict):
-    """(DataConfig, TrainConfig, LoraSettings) from the options every training command shares, by name."""
-    from ftsafety.data import DataConfig
+    """(TrainConfig, LoraSettings) from the options every training command shares, by name."""
     from ftsafety.train import TrainConfig
 
-    dcfg = DataConfig(data=opts["data"], template=opts["template"], max_length=opts["max_length"])
     tcfg = TrainConfig(**{k: opts[k] for k in _TRAIN_KEYS})
-    return dcfg, tcfg, _lora(opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"], opts["lora_targets"])
+    return tcfg, _lora(opts["lora_r"], opts["lora_alpha"], opts["lora_dropout"], opts["lora_targets"])
 
 
 def _common(opts: dict):

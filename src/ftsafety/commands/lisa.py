@@ -62,7 +62,7 @@ def finetune_lisa(
     from ftsafety import stages
 
     _setup(verbose, quiet)
-    _, tcfg, lora = _train_configs(opts)
+    tcfg, lora = _train_configs(opts)
     lisa = stages.LisaStage(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho, align_n=align_n,
                             align_benign_ratio=align_benign_ratio)
     st = stages.FinetuneStage(method="lisa", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora,

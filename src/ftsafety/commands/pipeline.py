@@ -34,8 +34,7 @@ def run(
     _setup(verbose, quiet)
     if dry_run:
         _, pipes = pipeline.pipelines(recipe, overrides or [])
-        if only:
-            pipes = [p for p in pipes if p.row in only]
+        pipes = pipeline.select(pipes, only, recipe)
         typer.echo(pipeline.describe(pipes, runs))
         return
     rec, records = pipeline.execute(recipe, overrides or [], runs, quiet=quiet, only=only, echo=typer.echo)
