@@ -45,13 +45,13 @@ PASSES = {"sft": 1, "vaccine": 2, "booster": 3, "booster-pa": 4}  # forward+back
 
 
 def _trainer_spec(method: str):
-    from transformers import Trainer
+    from ftsafety.trainer import FtTrainer
 
     from ftsafety.defenses.booster import BoosterTrainer
     from ftsafety.defenses.vaccine import VaccineTrainer
 
     return {
-        "sft": (Trainer, {}),
+        "sft": (FtTrainer, {}),
         "vaccine": (VaccineTrainer, {"rho": 2.0}),
         "booster": (BoosterTrainer, {"lam": 5.0, "alpha": 0.1}),
         "booster-pa": (BoosterTrainer, {"lam": 5.0, "alpha": 0.1, "perturb_aware": True, "rho": 5.0}),

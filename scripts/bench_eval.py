@@ -96,8 +96,12 @@ def run(model: str = "smollm2-135m", data: str = "builtin", n: int = 128, max_ne
                        "tokens_per_s": round(total / secs, 2), "identical_to_one_at_a_time": f"{same}/{len(single)}",
                        "speedup": round((total / secs) / (single_tokens / single_s), 3),
                        "prefill_share": round(stats.get("prefill_s", 0.0) / secs, 4),
-                       # prompt tokens the prefills computed (padding in, shared template prefix once per batch)
-                       "prefill_tokens_over_prompt_tokens": round(stats["padded_prompt_tokens"] / stats["prompt_tokens"], 4),
+                       # prompt tokens the prefills computed (their padding in, the shared template prefix once
+                       # per batch) and those one padded forward per batch would have computed
+                       "prefill_tokens_over_prompt_tokens": round(
+                           stats.get("prefill_tokens", stats["padded_prompt_tokens"]) / stats["prompt_tokens"], 4),
+                       "batch_padded_tokens_over_prompt_tokens": round(
+                           stats["padded_prompt_tokens"] / stats["prompt_tokens"], 4),
                        "decode_row_steps": stats.get("decode_row_steps")}
         lengths = [len(t) for t in toks]
     rows["batched"] = {str(bs): v for bs, v in batched.items()}

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
 
 from ftsafety import data as D
 from ftsafety import models
 from ftsafety.defenses.lisa import LisaConfig, LisaTrainer
 from ftsafety.train import TrainConfig, training_args
+from ftsafety.trainer import FtTrainer
 from ftsafety.utils import resolve_device, seed_everything
 
 
@@ -43,7 +43,7 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _one_step(trainer: Trainer, model, batch: dict, num_items, dev: torch.device) -> float:
+def _one_step(trainer: FtTrainer, model, batch: dict, num_items, dev: torch.device) -> float:
     _sync(dev)
     t0 = time.perf_counter()
     trainer.training_step(model, dict(batch), num_items)
@@ -92,7 +92,7 @@ class _Setup:
             warmup_ratio=0.0, weight_decay=0.0, logging_steps=10**6,
         )
         self.trainers = {
-            "finetune": Trainer(model=net, args=training_args(tcfg, self.dev, scratch), train_dataset=self.dataset,
+            "finetune": FtTrainer(model=net, args=training_args(tcfg, self.dev, scratch), train_dataset=self.dataset,
                                 data_collator=collator),
             "lisa": LisaTrainer(model=net, args=training_args(tcfg, self.dev, scratch), train_dataset=self.dataset,
                                 data_collator=collator, alignment_dataset=self.dataset, lisa=lisa_cfg),

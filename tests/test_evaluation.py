@@ -153,13 +153,18 @@ def test_fast_loop_equals_model_generate(alias, early_eos):
     if early_eos:
         assert len({len(t) for t in single}) > 2  # rows do finish at different steps
     assert generate_from_ids(model, tok, enc, 20, 6, engine="hf") == single
-    for share in (False, True):
+    for share, prefill_rows in ((False, 16), (True, 0), (True, 3)):
         for bs in (1, 5, 16):
             stats: dict = {}
-            assert generate_from_ids(model, tok, enc, 20, bs, share_prefix=share, stats=stats) == single
+            out = generate_from_ids(model, tok, enc, 20, bs, share_prefix=share, stats=stats, prefill_rows=prefill_rows)
+            assert out == single
             assert stats["prompt_tokens"] == sum(map(len, enc))
             if share and bs > 1:  # the Alpaca header ran once per batch
                 assert stats["padded_prompt_tokens"] < stats["prompt_tokens"]
+            if share and bs > prefill_rows > 0:  # groups of 3 prompts: less padding computed
+                assert stats["prefill_tokens"] < stats["padded_prompt_tokens"]
+            else:
+                assert stats["prefill_tokens"] == stats["padded_prompt_tokens"]
     texts, counts = generate_with_counts(model, tok, prompts, 20, 5)
     assert counts == [len(t) for t in single]
     assert texts == [tok.decode(t, skip_special_tokens=True).strip() for t in single]

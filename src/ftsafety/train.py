@@ -24,6 +24,7 @@ from ftsafety import distributed, models
 from ftsafety.console import RichTrainCallback
 from ftsafety.data import Collator, DataConfig, SFTDataset
 from ftsafety.errors import FtsafetyError
+from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
     _json_default,
     atomic_dir,
@@ -127,7 +128,7 @@ def train_lora(
     train_cfg: TrainConfig,
     lora: models.LoraSettings,
     device: str | None = "auto",
-    trainer_cls: type[Trainer] = Trainer,
+    trainer_cls: type[Trainer] = FtTrainer,
     trainer_kwargs: dict | None = None,
     trainer_kwargs_fn=None,
     extra_config: dict | None = None,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Trainer
+from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import (
@@ -136,7 +136,7 @@ class CyclingBatches:
         self.order = [int(i) for i in state["order"]]
 
 
-class BoosterTrainer(Trainer):
+class BoosterTrainer(FtTrainer):
     """transformers.Trainer whose training step adds Booster's harmful-perturbation attenuation term."""
 
     paper = PAPER

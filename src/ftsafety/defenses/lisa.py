@@ -62,7 +62,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer
+from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import loss_tokens
@@ -109,7 +109,7 @@ class LisaConfig:
             raise FtsafetyError(f"prox_start must be in [0, 1], got {self.prox_start}")
 
 
-class LisaTrainer(Trainer):
+class LisaTrainer(FtTrainer):
     """Bi-State Optimisation with a proximal term (Lisa), as a `transformers.Trainer` subclass.
 
     Args:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Trainer
+from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import (
@@ -75,7 +75,7 @@ class VaccineConfig:
             )
 
 
-class VaccineTrainer(Trainer):
+class VaccineTrainer(FtTrainer):
     """transformers.Trainer whose training step is Vaccine's two-pass perturbation-aware step.
 
     Stateless between steps (eps is recomputed from each batch; `_extra` only feeds the logs), so a

@@ -76,6 +76,7 @@ def _reserved_layer_class():
             self._k: torch.Tensor | None = None
             self._v: torch.Tensor | None = None
             self._n = 0
+            self._rows: slice | None = None  # the rows the next updates write (a prefill group), None: all
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -83,24 +84,34 @@ def _reserved_layer_class():
             n0, n1 = self._n, self._n + key_states.shape[-2]
             if self._k is None or n1 > self._k.shape[-2]:  # first call, or past the reservation: grow
                 cap = max(self.capacity, n1)
-                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
-                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
+                rows = self._k.shape[0] if self._k is not None else key_states.shape[0]
+                k = key_states.new_zeros((rows, *key_states.shape[1:-2], cap, key_states.shape[-1]))
+                v = value_states.new_zeros((rows, *value_states.shape[1:-2], cap, value_states.shape[-1]))
                 if n0:
                     k[..., :n0, :] = self._k[..., :n0, :]
                     v[..., :n0, :] = self._v[..., :n0, :]
                 self._k, self._v = k, v
-            self._k[..., n0:n1, :] = key_states
-            self._v[..., n0:n1, :] = value_states
+            k, v = (self._k, self._v) if self._rows is None else (self._k[self._rows], self._v[self._rows])
+            k[..., n0:n1, :] = key_states
+            v[..., n0:n1, :] = value_states
             self._n = n1
-            self.keys, self.values = self._k[..., :n1, :], self._v[..., :n1, :]
+            self.keys, self.values = k[..., :n1, :], v[..., :n1, :]
             return self.keys, self.values
+
+        def window(self, rows: slice | None, start: int) -> None:
+            """Make the next updates write the batch rows `rows` from column `start` on (one group of a
+            grouped prefill; the columns before `start` that the group does not fill stay zero and are
+            masked); `window(None, end)` returns to the whole batch once every group has run."""
+            self._rows, self._n = rows, start
+            k, v = (self._k, self._v) if rows is None else (self._k[rows], self._v[rows])
+            self.keys, self.values = k[..., :start, :], v[..., :start, :]
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             if self._k is None or self._n == 0:
                 return
             n = self._n
-            k = self._k.new_empty((self._k.shape[0] * repeats, *self._k.shape[1:]))
-            v = self._v.new_empty((self._v.shape[0] * repeats, *self._v.shape[1:]))
+            k = self._k.new_zeros((self._k.shape[0] * repeats, *self._k.shape[1:]))  # zeros: see window()
+            v = self._v.new_zeros((self._v.shape[0] * repeats, *self._v.shape[1:]))
             k[..., :n, :] = self._k[..., :n, :].repeat_interleave(repeats, dim=0)
             v[..., :n, :] = self._v[..., :n, :].repeat_interleave(repeats, dim=0)
             self._k, self._v = k, v
@@ -151,15 +162,47 @@ def share_prefix_ok(model) -> bool:
     return _fast_path_ok(model) and _reserved_cache(model, 1) is not None
 
 
+def prefill_groups(mask: torch.Tensor, rows: int) -> list[slice]:
+    """Consecutive groups of `rows` rows of a batch sorted longest first (one group: the whole batch)."""
+    n = mask.shape[0]
+    if rows <= 0 or n <= rows:
+        return [slice(0, n)]
+    return [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+
+def _grouped_prefill(model, cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, p: int,
+                     groups: list[slice], extra: dict) -> torch.Tensor:
+    """The prompts' forward pass group by group, each group padded only to its own longest prompt, into
+    the batch's reserved cache (every row right-aligned at column p + width, as one padded forward would
+    leave it); the last position's logits of every row."""
+    width = ids.shape[1]
+    last = []
+    for g in groups:
+        w = int(mask[g].sum(-1).max())
+        for layer in cache.layers:
+            layer.window(g, p + width - w)
+        att = torch.cat([mask.new_ones((ids[g].shape[0], p)), mask[g]], dim=-1)
+        res = model(input_ids=ids[g, width - w :], attention_mask=att, position_ids=pos[g, width - w :],
+                    past_key_values=cache, use_cache=True, return_dict=True, **extra)
+        last.append(res.logits[:, -1])
+        del res
+    for layer in cache.layers:
+        layer.window(None, p + width)
+    return torch.cat(last)
+
+
 def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int | None,
-                 keep_logits: bool, stats: dict | None = None, prefix: list[int] | None = None) -> list[list[int]]:
+                 keep_logits: bool, stats: dict | None = None, prefix: list[int] | None = None,
+                 prefill_rows: int = 0) -> list[list[int]]:
     """Greedy tokens of each row of a left-padded batch, EOS excluded, finished rows dropped as they finish.
 
     The inputs are those model.generate builds: position ids from the mask (0 on padding), no mask when the
     batch has no padding, logits of the last position only. With `prefix` (tokens every prompt of the batch
     starts with; `ids` then holds the rest of each prompt, left-padded), the prefix runs once, its keys
     and values are copied to every row, and each row's rest follows at the positions it has in the whole
-    prompt: the sequence [prefix, padding, rest], the padding masked."""
+    prompt: the sequence [prefix, padding, rest], the padding masked. There, `prefill_rows` > 0 runs the
+    prompts' rest in groups of that many rows (`prefill_groups`), each padded to its own longest prompt
+    only: the padding of the other rows is never computed, the cache ends up as one forward leaves it."""
     n = ids.shape[0]
     p = len(prefix) if prefix else 0
     cache = _reserved_cache(model, p + ids.shape[1] + max_new_tokens)
@@ -181,12 +224,19 @@ def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     live = torch.arange(n, device=ids.device)  # original row of each row still in the batch
     out: list[list[int]] = [[] for _ in range(n)]
     step_ids, step_pos = ids, pos
+    groups = prefill_groups(mask, prefill_rows) if p else [slice(0, n)]
+    if stats is not None:
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + p + sum(
+            int(mask[g].sum(-1).max()) * mask[g].shape[0] for g in groups)
     for t in range(max_new_tokens):
-        res = model(input_ids=step_ids, attention_mask=att, position_ids=step_pos, past_key_values=cache,
-                    use_cache=True, return_dict=True, **extra)
-        cache = res.past_key_values
-        nxt = res.logits[:, -1].argmax(-1)  # argmax of the fp32 copy model.generate takes is the same index
-        del res
+        if t == 0 and len(groups) > 1:
+            nxt = _grouped_prefill(model, cache, ids, mask, pos, p, groups, extra).argmax(-1)
+        else:
+            res = model(input_ids=step_ids, attention_mask=att, position_ids=step_pos, past_key_values=cache,
+                        use_cache=True, return_dict=True, **extra)
+            cache = res.past_key_values
+            nxt = res.logits[:, -1].argmax(-1)  # argmax of the fp32 copy model.generate takes is the same index
+            del res
         nxt_list = nxt.tolist()
         rows = live.tolist()
         if stats is not None:
@@ -249,6 +299,7 @@ def generate_from_ids(
     shard: bool = False,
     stats: dict | None = None,
     share_prefix: bool = True,
+    prefill_rows: int = 16,
 ) -> list[list[int]]:
     """Generated token ids (EOS excluded) for each encoded prompt, in their order. engine: auto (our loop
     where it reproduces model.generate, else model.generate) or hf (model.generate always). shard: split
@@ -256,7 +307,8 @@ def generate_from_ids(
     (added to it) batches, prompt_tokens, padded_prompt_tokens and, on our loop, prefill_s and
     decode_row_steps (rows computed by the decoding steps after the first): this process's batches.
     share_prefix (our loop): the prompt tokens every prompt of a batch starts with (a template's header)
-    run once per batch; the rest of each prompt follows at its own positions (see `_greedy_rows`)."""
+    run once per batch; the rest of each prompt follows at its own positions (see `_greedy_rows`), its
+    forward pass run in groups of `prefill_rows` prompts of similar length (0: the whole batch at once)."""
     if engine not in ("auto", "hf"):
         raise ValueError(f"engine must be auto or hf, got {engine!r}")
     if not encoded:
@@ -295,7 +347,7 @@ def generate_from_ids(
                 stats["shared_prefix_tokens"] = stats.get("shared_prefix_tokens", 0) + p
             if fast:
                 prefix = encoded[idx[0]][:p] if p else None
-                rows = _greedy_rows(model, ids, mask, max_new_tokens, eos, keep_logits, stats, prefix)
+                rows = _greedy_rows(model, ids, mask, max_new_tokens, eos, keep_logits, stats, prefix, prefill_rows)
             else:
                 rows = _hf_rows(model, ids, mask, max_new_tokens, pad, eos)
             for row, i in enumerate(idx):
