@@ -49,11 +49,12 @@ report:
 	ftsafety report runs/table-$(PROFILE) --out $(TABLE_OUT)
 
 # Benchmarks print ratios measured in one run (MODEL=tiny-llama for a quick look).
-# `make bench` runs all four parts and writes results/bench.md + results/bench.json (~45 min on one thread
-# with the embedded model); BENCH_ARGS="--parts eval,post" narrows it; MODEL=tiny-llama BENCH_ARGS=--quick is
-# a smoke test of the plumbing.
+# `make bench` runs all four parts and writes results/bench.md + results/bench.json (about 45 min with the
+# embedded model on 2 cores). BENCH_THREADS=0 is one torch thread per core, 1 the steadiest on a busy
+# machine; BENCH_ARGS="--parts eval,post" narrows it; MODEL=tiny-llama BENCH_ARGS=--quick is a smoke test
+# of the plumbing.
 MODEL ?= smollm2-135m
-BENCH_THREADS ?= 1
+BENCH_THREADS ?= 0
 BENCH_ARGS ?=
 bench: install
 	$(PY) scripts/bench.py --model $(MODEL) --data $(DATA) --threads $(BENCH_THREADS) --out results $(BENCH_ARGS)

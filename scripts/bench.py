@@ -1,6 +1,6 @@
 """Benchmark report (issue #9): each defense's cost against plain SFT and evaluation speed, in one run.
 
-Run as:  python scripts/bench.py [--model smollm2-135m] [--threads 1] [--parts align,lisa,eval,post]
+Run as:  python scripts/bench.py [--model smollm2-135m] [--threads 0] [--parts align,lisa,eval,post]
          [--data builtin] [--out results] [--quick]          (`make bench`)
 
 Four parts, one process, the same model (each part loads it afresh):
@@ -52,7 +52,9 @@ TARGETS = {
 FULL = {
     "align": {"batch_size": 8, "max_length": 256, "steps": 6, "warmup": 2},
     "lisa": {"batch_size": 8, "max_length": 256, "steps": 8, "warmup": 2},
-    "eval": {"n": 128, "max_new_tokens": 64, "batch_sizes": (32, 64)},
+    # max_new_tokens 128: Vaccine's pred.py (the other repos generate up to 512); one at a time on every
+    # other prompt (64 of the 128: ~5 minutes on 2 cores), the batched ways on all of them
+    "eval": {"n": 128, "single_n": 64, "max_new_tokens": 128, "batch_sizes": (32, 64, 128)},
     "post": {"ft_n": 1000, "ft_epochs": 1.0, "batch_size": 8, "calibration_n": 500, "val_n": 100,
              "fa_max_new_tokens": 16, "rollback": {}},
 }
@@ -158,12 +160,16 @@ def _why(key: str, value: float, target: float, parts: dict) -> str:
             ft_tok, cal_tok = ft["tokens"], an["calibration_tokens"]
             cal_rate, ft_rate = cal_s / max(cal_tok, 1), ft_s / max(ft_tok, 1)
             need_tok = cal_s / target / ft_rate
+            # Antidote's own setting (ALGORITHMS.md 4): 2000 calibration pairs; the fine-tune n=5000 x 20 epochs
+            paper = value * (2000 / an["calibration_n"]) / (5000 * 20 / (ft["n"] * ft["epochs"]))
             text += (
                 f", {ft_tok:.0f} tokens: n={ft['n']} x {ft['epochs']:g} epoch(s)). Per token the calibration "
                 f"costs {cal_rate / ft_rate:.2f}x a fine-tuning token, and it sees {cal_tok / ft_tok:.2f}x as many "
                 f"tokens, hence {value:.1%}. Reaching {target:.0%} at these rates takes a fine-tune of "
-                f"~{need_tok:.0f} tokens (~{need_tok / ft_tok * ft['epochs']:.1f} epochs of this set; the papers "
-                f"fine-tune for 20 epochs) or a calibration set of ~{cal_tok * target / value:.0f} tokens."
+                f"~{need_tok:.0f} tokens (~{need_tok / ft_tok * ft['epochs']:.1f} epochs of this set) or a "
+                f"calibration set of ~{cal_tok * target / value:.0f} tokens. The miss is the bench's short "
+                f"fine-tune, not the calibration: in Antidote's own setting (2000 calibration pairs against a "
+                f"fine-tune of n=5000 x 20 epochs), the same per-example rates give {paper:.2%}."
             )
         else:
             text += ")."
@@ -179,7 +185,11 @@ def _why(key: str, value: float, target: float, parts: dict) -> str:
             f"({rb['harmful_prompt_tokens']} tokens){mode}, plus {rb['checks']} task checks on {rb['val_n']} prompts "
             f"({rb['seconds_eval']:.1f} s). That is the algorithm's own work (steps x prompts), against a "
             f"fine-tune of {ft['steps']} LoRA steps ({ft['seconds']:.1f} s); at these rates {target:.0%} needs a "
-            f"fine-tune of ~{rb['seconds'] / target:.0f} s, {rb['seconds'] / target / ft['seconds']:.1f}x this one."
+            f"fine-tune of ~{rb['seconds'] / target:.0f} s, {rb['seconds'] / target / ft['seconds']:.1f}x this one "
+            f"(~{rb['seconds'] / target / ft['seconds'] * ft['n'] * ft['epochs']:.0f} examples of this mix; the "
+            f"paper's fine-tunes take a task's whole training set plus 1,500 harmful answers of up to 512 tokens, "
+            f"in 4-bit QLoRA). The step cost is the gradient through K layers of the full weights, which the "
+            f"method needs to rank them; we found no cheaper exact way to get it."
         )
     if key == "eval_speedup":
         e = parts["eval"]
@@ -262,8 +272,9 @@ HOW = {
         "**Evaluation throughput** (`scripts/bench_eval.py`): the same N BeaverTails prompts (Alpaca template), "
         "greedy, same max_new_tokens, stop at EOS. One at a time = the original repos' pred.py (tokenise one "
         "prompt, one `model.generate` call each); batched = our `generate` (prompts encoded once, sorted by "
-        "length, the batch's shared template prefix run once, KV cache reserved for the whole generation, "
-        "finished rows dropped). Ratio = generated tokens/s batched over one at a time; the outputs are "
+        "length, the batch's shared template prefix run once, the rest of the prompts prefilled in groups of 16 "
+        "padded to their own longest prompt, KV cache reserved for the whole generation, finished rows "
+        "dropped). Ratio = generated tokens/s batched over one at a time; the outputs are "
         "compared prompt by prompt."
     ),
     "post": (
@@ -369,7 +380,7 @@ def print_table(report: dict) -> None:
 # The run
 
 
-def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads: int = 1, quick: bool = False,
+def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads: int = 0, quick: bool = False,
         device: str = "auto", out: str | Path | None = "results", command: str = "") -> dict:
     parts = [p for p in PARTS if p in parts]
     if threads > 0:
@@ -390,8 +401,8 @@ def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads
                                      device=device, threads=threads)
     if "eval" in parts:
         c = cfg["eval"]
-        res["eval"] = bench_eval.run(model, data, c["n"], c["max_new_tokens"], c["batch_sizes"], device=device,
-                                     threads=threads)
+        res["eval"] = bench_eval.run(model, data, c["n"], c["max_new_tokens"], c["batch_sizes"], c.get("single_n"),
+                                     device=device, threads=threads)
     if "post" in parts:
         c = cfg["post"]
         res["post"] = bench_post.run(model, data, c["ft_n"], c["ft_epochs"], c["batch_size"],
@@ -415,8 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model alias or run (default smollm2-135m; tiny-llama with --quick)")
     ap.add_argument("--data", default="builtin")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default; 1 is the "
-                                                            "steadiest on a shared CPU)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per "
+                                                            "core; 1 is the steadiest on a shared CPU)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, a few steps: a smoke test of the plumbing")
     ap.add_argument("--device", default="auto")
