@@ -119,6 +119,18 @@ def _verdict(value: float, op: str, target: float) -> tuple[bool, str]:
     return False, f"{target - value:.3g} short ({(1 - value / target) * 100:.0f}% below the target)"
 
 
+def _scored_note(method: str, a: dict) -> str:
+    """Booster's harmful passes score more positions than the alignment pass (longer answers in the same
+    width): the LM head and the cross-entropy run on scored positions only, so those passes cost more."""
+    st = a.get("scored_tokens")
+    if not method.startswith("booster") or not st or st["harmful"] <= st["alignment"]:
+        return ""
+    return (f" Part of the excess is the data, not the method: the harmful batch has {st['harmful']} scored "
+            f"positions against the alignment batch's {st['alignment']} ({st['harmful'] / st['alignment'] - 1:+.0%}), "
+            "and the LM head and the loss run on scored positions only, so each harmful pass costs a little "
+            "more than the SFT pass.")
+
+
 def _why(key: str, value: float, target: float, parts: dict) -> str:
     """Why a target was missed, from this run's own measurements."""
     if key in ("vaccine_step_x_sft", "booster_step_x_sft"):
@@ -134,6 +146,7 @@ def _why(key: str, value: float, target: float, parts: dict) -> str:
             f"tokens, median of {len(a['s_per_step']['sft'])} interleaved rounds at {a['threads']} thread(s); "
             f"the per-round ratios ranged {lo:.2f}-{hi:.2f}, so the timing noise of this machine is "
             f"{'as large as' if hi - lo >= abs(value - target) else 'smaller than'} the shortfall."
+            + _scored_note(m, a)
         )
     if key == "lisa_step_x_sft":
         lr = parts["lisa"]

@@ -44,11 +44,16 @@ TARGETS = {"vaccine": 2.05, "booster": 3.05}  # issue #9
 PASSES = {"sft": 1, "vaccine": 2, "booster": 3, "booster-pa": 4}  # forward+backward passes per step
 
 
-def _trainer_spec(method: str):
-    from ftsafety.trainer import FtTrainer
+def loss_tokens(batch: dict) -> int:
+    from ftsafety.defenses._perturb import loss_tokens as count
 
+    return int(count(batch))
+
+
+def _trainer_spec(method: str):
     from ftsafety.defenses.booster import BoosterTrainer
     from ftsafety.defenses.vaccine import VaccineTrainer
+    from ftsafety.trainer import FtTrainer
 
     return {
         "sft": (FtTrainer, {}),
@@ -219,6 +224,8 @@ def run(model: str = "smollm2-135m", data: str = "builtin", batch_size: int = 8,
         "threads": torch.get_num_threads(),
         "batch_shape": list(bench.batch["input_ids"].shape),
         "harmful_batch_shape": list(bench.harmful["input_ids"].shape),
+        # positions the loss scores (the LM head runs on these only): the passes' cost differs with them
+        "scored_tokens": {"alignment": int(loss_tokens(bench.batch)), "harmful": int(loss_tokens(bench.harmful))},
         "warmup_rounds": warmup,
         "s_per_step": {m: [round(x, 4) for x in t] for m, t in times.items()},
     }
