@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import (
@@ -57,6 +56,7 @@ from ftsafety.defenses._perturb import (
     token_share,
 )
 from ftsafety.errors import FtsafetyError
+from ftsafety.trainer import FtTrainer
 
 PAPER = {
     "title": "Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation",

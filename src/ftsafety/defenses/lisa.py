@@ -62,11 +62,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import loss_tokens
 from ftsafety.errors import FtsafetyError
+from ftsafety.trainer import FtTrainer
 
 log = logging.getLogger(__name__)
 

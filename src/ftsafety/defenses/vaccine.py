@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from ftsafety.trainer import FtTrainer
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import (
@@ -45,6 +44,7 @@ from ftsafety.defenses._perturb import (
     token_share,
 )
 from ftsafety.errors import FtsafetyError
+from ftsafety.trainer import FtTrainer
 
 PAPER = {
     "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning",

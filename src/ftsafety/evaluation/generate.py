@@ -162,23 +162,22 @@ def share_prefix_ok(model) -> bool:
     return _fast_path_ok(model) and _reserved_cache(model, 1) is not None
 
 
-def prefill_groups(mask: torch.Tensor, rows: int) -> list[slice]:
-    """Consecutive groups of `rows` rows of a batch sorted longest first (one group: the whole batch)."""
+def prefill_groups(mask: torch.Tensor, rows: int) -> list[tuple[slice, int]]:
+    """Consecutive groups of `rows` rows of a left-padded batch sorted longest first (one group: the whole
+    batch), each with the width its longest prompt needs."""
     n = mask.shape[0]
-    if rows <= 0 or n <= rows:
-        return [slice(0, n)]
-    return [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
+    groups = [slice(0, n)] if rows <= 0 or n <= rows else [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
+    return [(g, int(mask[g].sum(-1).max())) for g in groups]
 
 
 def _grouped_prefill(model, cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, p: int,
-                     groups: list[slice], extra: dict) -> torch.Tensor:
+                     groups: list[tuple[slice, int]], extra: dict) -> torch.Tensor:
     """The prompts' forward pass group by group, each group padded only to its own longest prompt, into
     the batch's reserved cache (every row right-aligned at column p + width, as one padded forward would
     leave it); the last position's logits of every row."""
     width = ids.shape[1]
     last = []
-    for g in groups:
-        w = int(mask[g].sum(-1).max())
+    for g, w in groups:
         for layer in cache.layers:
             layer.window(g, p + width - w)
         att = torch.cat([mask.new_ones((ids[g].shape[0], p)), mask[g]], dim=-1)
@@ -224,10 +223,9 @@ def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     live = torch.arange(n, device=ids.device)  # original row of each row still in the batch
     out: list[list[int]] = [[] for _ in range(n)]
     step_ids, step_pos = ids, pos
-    groups = prefill_groups(mask, prefill_rows) if p else [slice(0, n)]
+    groups = prefill_groups(mask, prefill_rows if p else 0)
     if stats is not None:
-        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + p + sum(
-            int(mask[g].sum(-1).max()) * mask[g].shape[0] for g in groups)
+        stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + p + sum(w * (g.stop - g.start) for g, w in groups)
     for t in range(max_new_tokens):
         if t == 0 and len(groups) > 1:
             nxt = _grouped_prefill(model, cache, ids, mask, pos, p, groups, extra).argmax(-1)
