@@ -44,12 +44,6 @@ TARGETS = {"vaccine": 2.05, "booster": 3.05}  # issue #9
 PASSES = {"sft": 1, "vaccine": 2, "booster": 3, "booster-pa": 4}  # forward+backward passes per step
 
 
-def loss_tokens(batch: dict) -> int:
-    from ftsafety.defenses._perturb import loss_tokens as count
-
-    return int(count(batch))
-
-
 def _trainer_spec(method: str):
     from ftsafety.defenses.booster import BoosterTrainer
     from ftsafety.defenses.vaccine import VaccineTrainer
@@ -212,6 +206,8 @@ def run(model: str = "smollm2-135m", data: str = "builtin", batch_size: int = 8,
     args = argparse.Namespace(model=model, data=data, batch_size=batch_size, max_length=max_length, steps=steps,
                               warmup=warmup, device=device, harmful_length=harmful_length, threads=threads)
     bench = Bench(args)
+    from ftsafety.defenses import _perturb
+
     times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(warmup + steps):
         for m in methods:
@@ -225,7 +221,8 @@ def run(model: str = "smollm2-135m", data: str = "builtin", batch_size: int = 8,
         "batch_shape": list(bench.batch["input_ids"].shape),
         "harmful_batch_shape": list(bench.harmful["input_ids"].shape),
         # positions the loss scores (the LM head runs on these only): the passes' cost differs with them
-        "scored_tokens": {"alignment": int(loss_tokens(bench.batch)), "harmful": int(loss_tokens(bench.harmful))},
+        "scored_tokens": {"alignment": int(_perturb.loss_tokens(bench.batch)),
+                          "harmful": int(_perturb.loss_tokens(bench.harmful))},
         "warmup_rounds": warmup,
         "s_per_step": {m: [round(x, 4) for x in t] for m, t in times.items()},
     }
