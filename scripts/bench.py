@@ -6,7 +6,7 @@ Run as:  python scripts/bench.py [--model smollm2-135m] [--threads 0] [--parts a
 Four parts, one process, the same model (each part loads it afresh):
   align  Vaccine and Booster step time and peak memory over SFT's (scripts/bench_alignment.py)
   lisa   Lisa step time and peak memory over plain fine-tuning's (scripts/bench_lisa.py)
-  eval   generated tokens/s of our batched evaluation over one prompt at a time (scripts/bench_eval.py)
+  eval   our generation loop's speed over batched `model.generate` on the same batches (scripts/bench_eval.py)
   post   Antidote's calibration and rollback's recovery time over the fine-tune's (scripts/bench_post.py)
 Each ratio is printed and written, next to its target with PASS/MISS (and by how much, and why, for a
 miss), to `<out>/bench.md` and `<out>/bench.json` (both atomically), with the date, the machine and
@@ -46,7 +46,10 @@ TARGETS = {
     "lisa_step_x_sft": ("Lisa step time / fine-tune (SFT) step time", "<=", 1.02, "lisa"),
     "antidote_calibration_x_finetune": ("Antidote calibration time / fine-tune time", "<=", 0.05, "post"),
     "rollback_x_finetune": ("Rollback recovery time / fine-tune time", "<=", 0.25, "post"),
-    "eval_speedup": ("Evaluation tokens/s, batched / one prompt at a time", ">=", 10.0, "eval"),
+    # issue #14: our loop is kept only where it is >= 1.3x batched model.generate (batch 128, 128 new tokens:
+    # the evaluator's HS setting)
+    "eval_x_generate": ("Generation speed, our loop / batched model.generate (batch 128, 128 new tokens)", ">=",
+                        1.3, "eval"),
 }
 
 FULL = {
@@ -54,16 +57,15 @@ FULL = {
     # threads), and 6 rounds left the median of the ratio 0.1 off (EXPERIMENTS.md, 2026-11-23)
     "align": {"batch_size": 8, "max_length": 256, "steps": 14, "warmup": 2},
     "lisa": {"batch_size": 8, "max_length": 256, "steps": 16, "warmup": 2},
-    # max_new_tokens 128: Vaccine's pred.py (the other repos generate up to 512); one at a time on every
-    # other prompt (64 of the 128: ~5 minutes on 2 cores), the batched ways on all of them
-    "eval": {"n": 128, "single_n": 64, "max_new_tokens": 128, "batch_sizes": (32, 64, 128)},
+    # max_new_tokens 128: Vaccine's pred.py (the other repos generate up to 512); 32: short answers
+    "eval": {"n": 128, "max_new_tokens": (32, 128), "batch_sizes": (16, 64, 128)},
     "post": {"ft_n": 1000, "ft_epochs": 1.0, "batch_size": 8, "calibration_n": 500, "val_n": 100,
              "fa_max_new_tokens": 16, "rollback": {}},
 }
 QUICK = {
     "align": {"batch_size": 4, "max_length": 64, "steps": 2, "warmup": 1, "methods": ("sft", "vaccine", "booster")},
     "lisa": {"batch_size": 4, "max_length": 64, "steps": 2, "warmup": 1},
-    "eval": {"n": 16, "max_new_tokens": 8, "batch_sizes": (4, 8)},
+    "eval": {"n": 16, "max_new_tokens": (8,), "batch_sizes": (4, 16)},
     "post": {"ft_n": 16, "ft_epochs": 1.0, "batch_size": 4, "align_steps": 1, "calibration_n": 8, "val_n": 8,
              "fa_max_new_tokens": 4,
              "rollback": {"steps": 2, "warmup_steps": 1, "save_every": 1, "recovery_n": 8, "batch_size": 4}},
@@ -206,20 +208,23 @@ def _why(key: str, value: float, target: float, parts: dict) -> str:
             f"in 4-bit QLoRA). The step cost is the gradient through K layers of the full weights, which the "
             f"method needs to rank them; we found no cheaper exact way to get it."
         )
-    if key == "eval_speedup":
+    if key == "eval_x_generate":
         e = parts["eval"]
-        bs = str(max(e["batch_sizes"]))
-        b = e["batched"][bs]
+        r = _eval_row(e)
         return (
-            f"One prompt at a time ran {e['one_at_a_time']['tokens_per_s']:.1f} tokens/s, batches of {bs} ran "
-            f"{b['tokens_per_s']:.1f}. Batching turns each decoding step's matrix-vector products into "
-            f"matrix-matrix products, so the gain is capped by what {e['threads']} thread(s) compute per second; "
-            f"the prompts' prefill, which one prompt at a time runs as a matrix product too, took "
-            f"{b['prefill_share']:.0%} of the batched time ({e['prompt_tokens_median']:.0f} prompt tokens per "
-            f"prompt at the median against {e['response_tokens_mean']:.0f} generated; "
-            f"{e['responses_at_max_new_tokens']:.0%} of the answers ran to max_new_tokens={e['max_new_tokens']})."
+            f"On the same {e['prompts']} prompts and batches, model.generate took {r['generate_seconds']:.1f} s and our "
+            f"loop {r['ours_seconds']:.1f} s at batch {r['batch_size']} x {r['max_new_tokens']} new tokens "
+            f"({e['threads']} thread(s), transformers {e['transformers']}). Both run the same forward passes on a "
+            f"machine near its FLOP limit; what our loop saves (the shared template prefix run once, less padding "
+            f"in the prefill, finished rows dropped) is only part of the work, and {r['responses_at_max_new_tokens']:.0%} "
+            f"of the answers ran to max_new_tokens, so few rows finish early."
         )
     return ""
+
+
+def _eval_row(e: dict) -> dict:
+    """The eval part's row of the targeted setting: the largest batch at the most new tokens."""
+    return max(e["rows"], key=lambda r: (r["max_new_tokens"], r["batch_size"]))
 
 
 def ratios(parts: dict) -> dict:
@@ -242,10 +247,9 @@ def ratios(parts: dict) -> dict:
             info["lisa_peak_memory_x_sft"] = lr["memory_ratio"]
     if "eval" in parts:
         e = parts["eval"]
-        sizes = sorted(e["batch_sizes"])
-        vals["eval_speedup"] = e["speedup"][str(sizes[-1])]
-        for bs in sizes[:-1]:
-            info[f"eval_speedup_batch_{bs}"] = e["speedup"][str(bs)]
+        vals["eval_x_generate"] = _eval_row(e)["ours_x_generate"]
+        for key, ratio in e["ours_x_generate"].items():
+            info[f"eval_ours_x_generate_{key}"] = ratio
     if "post" in parts:
         p = parts["post"]
         vals["antidote_calibration_x_finetune"] = p["antidote_calibration_over_finetune"]
@@ -284,13 +288,13 @@ HOW = {
         "median of the per-round ratios. Peak memory as above."
     ),
     "eval": (
-        "**Evaluation throughput** (`scripts/bench_eval.py`): the same N BeaverTails prompts (Alpaca template), "
-        "greedy, same max_new_tokens, stop at EOS. One at a time = the original repos' pred.py (tokenise one "
-        "prompt, one `model.generate` call each); batched = our `generate` (prompts encoded once, sorted by "
-        "length, the batch's shared template prefix run once, the rest of the prompts prefilled in groups of 16 "
-        "padded to their own longest prompt, KV cache reserved for the whole generation, finished rows "
-        "dropped). Ratio = generated tokens/s batched over one at a time; the outputs are "
-        "compared prompt by prompt."
+        "**Generation, our loop vs batched `model.generate`** (`scripts/bench_eval.py`): the same N BeaverTails "
+        "prompts (Alpaca template), encoded once, sorted by length and cut into the same batches for both; "
+        "greedy, stop at EOS. `model.generate` = one batched call per batch (left padding), what a transformers "
+        "user writes; ours = the batch's shared template prefix run once, the rest prefilled in groups of 16 "
+        "padded to their own longest prompt, KV cache reserved, finished rows dropped. The two take turns, the "
+        "order flipped from one setting to the next. Ratio = model.generate's seconds over ours (> 1: ours is "
+        "faster); the outputs are compared prompt by prompt."
     ),
     "post": (
         "**Antidote and rollback vs the fine-tune** (`scripts/bench_post.py`): in one process a brief "
@@ -321,6 +325,12 @@ def markdown(report: dict) -> str:
         f"- software: Python {m['python']}, torch {m['torch']}, transformers {m.get('transformers', '-')}",
         f"- model: `{report['model']}`, data: `{report['data']}`{' (--quick: plumbing only)' if report['quick'] else ''}",
         f"- command: `{report['command']}` ({report['seconds']:.0f} s)",
+    ]
+    dates = report.get("part_dates", {})
+    if any(d != report["date"] for d in dates.values()):
+        lines.append("- parts carried from an earlier run (this run measured the others): " + ", ".join(
+            f"{p} measured {d}" for p, d in dates.items() if d != report["date"]))
+    lines += [
         "",
         "## Ratios against the targets",
         "",
@@ -357,12 +367,11 @@ def markdown(report: dict) -> str:
         )
     if "eval" in parts:
         e = parts["eval"]
-        one = e["one_at_a_time"]
         lines.append(
-            f"- eval: {e['prompts']} prompts, max_new_tokens {e['max_new_tokens']}; one at a time "
-            f"({one['prompts']} prompts) {one['seconds']:.1f} s, {one['tokens_per_s']:.1f} tokens/s; "
-            + "; ".join(f"batch {bs}: {b['seconds']:.1f} s, {b['tokens_per_s']:.1f} tokens/s, identical outputs "
-                        f"{b['identical_to_one_at_a_time']}" for bs, b in e["batched"].items())
+            f"- eval: {e['prompts']} prompts, transformers {e['transformers']}, fast path: {e['fast_path']}; "
+            + "; ".join(f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}: model.generate "
+                        f"{r['generate_seconds']:.1f} s, ours {r['ours_seconds']:.1f} s ({r['ours_x_generate']:.2f}x), "
+                        f"identical outputs {r['identical']}" for r in e["rows"])
         )
     if "post" in parts:
         p = parts["post"]
@@ -416,8 +425,8 @@ def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads
                                      device=device, threads=threads)
     if "eval" in parts:
         c = cfg["eval"]
-        res["eval"] = bench_eval.run(model, data, c["n"], c["max_new_tokens"], c["batch_sizes"], c.get("single_n"),
-                                     device=device, threads=threads)
+        res["eval"] = bench_eval.run(model, data, c["n"], c["max_new_tokens"], c["batch_sizes"], device=device,
+                                     threads=threads)
     if "post" in parts:
         c = cfg["post"]
         res["post"] = bench_post.run(model, data, c["ft_n"], c["ft_epochs"], c["batch_size"],
@@ -429,12 +438,34 @@ def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads
         report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
         pass
+    report["part_dates"] = {p: report["date"] for p in parts}
+    if out is not None:
+        _carry_other_parts(report, Path(out) / "bench.json")
     report["ratios"] = ratios(res)
     if out is not None:
         out = Path(out)
         write_json(out / "bench.json", report)
         atomic_write_text(out / "bench.md", markdown(report))
     return report
+
+
+def _carry_other_parts(report: dict, previous: Path) -> None:
+    """A run of some parts (`--parts eval`) keeps the other parts' figures from the previous report of the
+    same model and mode, each with the date it was measured (`part_dates`), so bench.md stays whole."""
+    import json
+
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    if old.get("model") != report["model"] or bool(old.get("quick")) != bool(report["quick"]):
+        return
+    for part, figures in old.get("parts", {}).items():
+        if part in PARTS and part not in report["parts"]:
+            report["parts"][part] = figures
+            report["settings"][part] = old.get("settings", {}).get(part)
+            report["part_dates"][part] = old.get("part_dates", {}).get(part, old.get("date"))
+    report["parts"] = {p: report["parts"][p] for p in PARTS if p in report["parts"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

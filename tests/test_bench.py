@@ -51,10 +51,10 @@ def test_quick_bench_writes_every_ratio(bench, tmp_path, capsys, monkeypatch):
     assert saved["machine"]["cpu"] and saved["machine"]["torch_threads"] >= 1 and saved["date"]
     assert saved["model"] == "tiny-llama" and saved["quick"] is True
     assert "## How each ratio is measured" in md and saved["machine"]["cpu"] in md
-    # outputs of the batched evaluation are those of one prompt at a time
-    for row in saved["parts"]["eval"]["batched"].values():
-        done, total = row["identical_to_one_at_a_time"].split("/")
-        assert done == total
+    # our loop's outputs are batched model.generate's, on the same batches, and our loop did run
+    for row in saved["parts"]["eval"]["rows"]:
+        done, total = row["identical"].split("/")
+        assert done == total and row["ours_engine"] == "ftsafety"
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left
 
     # every miss gets its reason, from this run's own figures
@@ -71,5 +71,5 @@ def test_parts_and_bad_parts(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--parts", "eval,nope", "--out", str(tmp_path)])
     report = bench.run("tiny-llama", parts=("eval",), quick=True, out=tmp_path)
-    assert set(report["ratios"]["targets"]) == {"eval_speedup"}
-    assert "Evaluation tokens/s" in (tmp_path / "bench.md").read_text()
+    assert set(report["ratios"]["targets"]) == {"eval_x_generate"}
+    assert "our loop / batched model.generate" in (tmp_path / "bench.md").read_text()

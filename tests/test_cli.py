@@ -83,3 +83,29 @@ def test_real_entry_point_prints_one_line(tmp_path):
     r = run_cli("finetune", "--model", "tiny-opt", "-p", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "error: harmful ratio p must be in [0, 1], got 2.0"
+
+
+def test_env_prints_ranges_and_lock(cli):
+    """`ftsafety env`: the supported ranges from the package metadata, the locked set shipped with the
+    package, and which installed packages differ from it."""
+    r = cli("env")
+    assert r.returncode == 0, r.stderr
+    deps = json.loads(r.stdout)["dependencies"]
+    assert any(x.replace(" ", "").startswith("transformers>=5.23,<6") for x in deps["supported"]), deps["supported"]
+    assert deps["locked"]["transformers"] and deps["locked"]["torch"]
+    assert isinstance(deps["installed_differs_from_lock"], dict)
+
+
+def test_lock_pins_every_requirement():
+    """Every runtime and test requirement has an exact version in the lock, inside the supported range."""
+    import re
+    from importlib.metadata import requires
+
+    from ftsafety.utils import locked_requirements
+
+    locked = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in locked_requirements().items()}
+    for req in requires("ftsafety"):
+        if "extra ==" in req and not re.search(r"extra == \"(test|plot)\"", req):
+            continue
+        name = re.split(r"[<>=!~; \[]", req, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in locked, f"{name} is not in the lock"

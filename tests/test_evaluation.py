@@ -156,8 +156,9 @@ def test_fast_loop_equals_model_generate(alias, early_eos):
     for share, prefill_rows in ((False, 16), (True, 0), (True, 3)):
         for bs in (1, 5, 16):
             stats: dict = {}
-            out = generate_from_ids(model, tok, enc, 20, bs, share_prefix=share, stats=stats, prefill_rows=prefill_rows)
-            assert out == single
+            out = generate_from_ids(model, tok, enc, 20, bs, share_prefix=share, stats=stats, prefill_rows=prefill_rows,
+                                    engine="ftsafety")
+            assert out == single and stats["engine"] == "ftsafety"
             assert stats["prompt_tokens"] == sum(map(len, enc))
             if share and bs > 1:  # the Alpaca header ran once per batch
                 assert stats["padded_prompt_tokens"] < stats["prompt_tokens"]
@@ -165,6 +166,9 @@ def test_fast_loop_equals_model_generate(alias, early_eos):
                 assert stats["prefill_tokens"] < stats["padded_prompt_tokens"]
             else:
                 assert stats["prefill_tokens"] == stats["padded_prompt_tokens"]
+    auto: dict = {}
+    assert generate_from_ids(model, tok, enc, 20, 5, stats=auto) == single  # auto: 5-row batches go to generate
+    assert auto["engine"] == "hf" and "below" in auto["engine_reason"]
     texts, counts = generate_with_counts(model, tok, prompts, 20, 5)
     assert counts == [len(t) for t in single]
     assert texts == [tok.decode(t, skip_special_tokens=True).strip() for t in single]
@@ -175,3 +179,69 @@ def test_evaluate_counts_generated_tokens(tmp_path, tiny_data_dir):
                      or_limit=0, max_new_tokens=7, device="cpu")
     res = evaluate(cfg, None, quiet=True)
     assert res["generated_tokens_hs"] == 5 * 7  # the random model never emits EOS here
+
+
+@pytest.mark.parametrize("alias", ["tiny-opt", "tiny-llama"])
+def test_fast_paths_taken_on_installed_versions(alias, tmp_path, tiny_data_dir, monkeypatch):
+    """On the locked transformers our generation loop, its shared-prefix cache and the trainer's
+    scored-position head all apply to the tiny models: a release that moves the internals they key on
+    fails here instead of silently falling back to the slower paths."""
+    from ftsafety.evaluation.generate import cache_kwarg, fast_path_reason, share_prefix_ok
+    from ftsafety.trainer import FtTrainer, masks_logits
+    from transformers import TrainingArguments
+
+    model, tok, _ = models.load(alias, device="cpu")
+    assert fast_path_reason(model) is None and cache_kwarg(model) in ("cache", "past_key_values")
+    assert share_prefix_ok(model)
+    lora = models.attach_lora(model, models.LoraSettings(r=4, alpha=8.0, dropout=0.0, targets="attn"))
+    assert masks_logits(lora)
+    monkeypatch.chdir(tmp_path)
+    assert FtTrainer(model=lora, args=TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)).scored_head
+    cfg = EvalConfig(model=alias, data=D.DataConfig(data=str(tiny_data_dir)), hs_limit=4, fa_limit=2, or_limit=2,
+                     max_new_tokens=3, fa_max_new_tokens=2, device="cpu")
+    monkeypatch.setattr("ftsafety.evaluation.generate.FAST_MIN_ROWS", 2)  # the tiny run's batches are small
+    res = evaluate(cfg, tmp_path / "ev", quiet=True)
+    assert res["generation"] == {"engine": "ftsafety", "shared_prefix": True}
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["generation"]["engine"] == "ftsafety"
+
+
+def test_fallback_is_said_once_and_recorded(caplog):
+    """Where our loop cannot reproduce model.generate (here: a repetition penalty in the generation
+    config), model.generate decodes, the log says why once, and the stats name the engine."""
+    from ftsafety.evaluation import generate as G
+
+    model, tok, _ = models.load("tiny-llama", device="cpu")
+    model.generation_config.repetition_penalty = 1.3
+    G._SAID.clear()
+    enc = G.encode_prompts(tok, [D.format_prompt({"instruction": f"q {i}"}, "alpaca") for i in range(3)])
+    with caplog.at_level("WARNING", logger="ftsafety.evaluation.generate"):
+        stats: dict = {}
+        first = G.generate_from_ids(model, tok, enc, 4, 64, stats=stats)
+        G.generate_from_ids(model, tok, enc, 4, 64)
+    said = [r.getMessage() for r in caplog.records if "repetition_penalty" in r.getMessage()]
+    assert len(said) == 1 and "model.generate" in said[0]
+    assert stats["engine"] == "hf" and "repetition_penalty" in stats["fallback_reason"]
+    assert first == G.generate_from_ids(model, tok, enc, 4, 64, engine="hf")
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        G.generate_from_ids(model, tok, enc, 4, 64, engine="ftsafety")
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache`: whichever the model takes is used."""
+    from ftsafety.evaluation.generate import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None):
+            pass
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None):
+            pass
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None):
+            pass
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Neither()) is None
+

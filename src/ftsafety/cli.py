@@ -115,7 +115,7 @@ def evaluate(
     fa_limit: Annotated[int, typer.Option(help="Task test items (0 skips FA).")] = 872,
     or_limit: Annotated[int, typer.Option(help="Benign instructions for over-refusal (0 skips OR).")] = 100,
     template: Template = "alpaca",
-    batch_size: int = 32,
+    batch_size: int = 64,
     max_new_tokens: int = 128,
     fa_max_new_tokens: int = 32,
     device: Device = "auto",
@@ -184,12 +184,12 @@ def list_models():
 
 @app.command()
 def env():
-    """Versions, device and git hash, for bug reports."""
+    """Versions, device and git hash, the supported dependency ranges and the locked set, for bug reports."""
     import json
 
-    from ftsafety.utils import environment
+    from ftsafety.utils import dependency_report, environment
 
-    typer.echo(json.dumps(environment(), indent=2))
+    typer.echo(json.dumps({**environment(), "dependencies": dependency_report()}, indent=2))
 
 
 @app.callback(invoke_without_command=True)

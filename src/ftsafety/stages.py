@@ -138,7 +138,7 @@ class EvalStage:
     hs_limit: int = 700
     fa_limit: int = 872
     or_limit: int = 100
-    batch_size: int = 32
+    batch_size: int = 64
     max_new_tokens: int = 128
     fa_max_new_tokens: int = 32
 

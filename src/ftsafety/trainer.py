@@ -10,17 +10,21 @@ labels (`shift_labels`), so the mean, the `num_items_in_batch` scaling and every
 around it are unchanged; only the order of floating-point sums can differ (tests/test_trainer.py
 compares losses and gradients with the stock path).
 
-Models whose forward does not slice with transformers' `slice_logits_to_keep` get the stock path.
+Models whose forward does not slice with transformers' `slice_logits_to_keep` get the stock path, and the
+trainer says so once in the log (`FtTrainer.scored_head` records which path runs); on the locked
+transformers the tests fail if the tiny OPT and Llama models do not take the fast path.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as Fn
 from transformers import Trainer
 
+log = logging.getLogger(__name__)
 IGNORE = -100
 _SUPPORT: dict[type, bool] = {}
 
@@ -66,6 +70,16 @@ def scored_positions(model: torch.nn.Module, inputs: dict) -> dict:
 
 class FtTrainer(Trainer):
     """`transformers.Trainer` whose loss projects only the scored positions onto the vocabulary."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scored_head = masks_logits(self.model)
+        if not self.scored_head:
+            import transformers
+
+            log.warning("training: %s's forward does not take a boolean logits_to_keep on transformers %s; the LM "
+                        "head runs on every position (the stock, slower loss)", type(_causal_lm(self.model)).__name__,
+                        transformers.__version__)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(model, scored_positions(model, inputs), return_outputs=return_outputs,

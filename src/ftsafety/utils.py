@@ -105,6 +105,46 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def locked_requirements() -> dict[str, str]:
+    """The locked set shipped with the package (`locked-requirements.txt`): name -> exact version."""
+    from importlib.resources import files
+
+    try:
+        text = files("ftsafety").joinpath("locked-requirements.txt").read_text()
+    except (FileNotFoundError, OSError):  # pragma: no cover - a broken install
+        return {}
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, ver = line.split("==", 1)
+            out[name.strip()] = ver.strip()
+    return out
+
+
+def dependency_report() -> dict[str, Any]:
+    """The supported ranges (the package's metadata), the locked set, and where what is installed differs
+    from the lock (`ftsafety env`)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    try:
+        ranges = [r for r in (requires("ftsafety") or []) if "extra ==" not in r]
+        extras = [r for r in (requires("ftsafety") or []) if "extra ==" in r]
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without an install
+        ranges, extras = [], []
+    locked = locked_requirements()
+    differs = {}
+    for name, want in locked.items():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            continue
+        if re.sub(r"\+.*$", "", have) != want:
+            differs[name] = {"installed": have, "locked": want}
+    return {"supported": ranges, "optional": extras, "locked": locked, "installed_differs_from_lock": differs}
+
+
 def environment() -> dict[str, Any]:
     return {
         "versions": package_versions(),

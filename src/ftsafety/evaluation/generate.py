@@ -10,8 +10,13 @@ rows still generating, and the batch stops when every row has finished. Under gr
 `model.generate` on that prompt alone (the pred.py way of the original repos): the same forward passes
 on the same positions, with the padded positions masked. Where the model's generation config asks for
 logits processors (repetition penalty, forced or suppressed tokens, ...) or the model is not a plain
-decoder with a cache that can drop rows, `model.generate` decodes each batch instead (`engine="hf"`
-forces that path).
+decoder with a cache that can drop rows, `model.generate` decodes each batch instead, and the log says
+so once. Batches of fewer than FAST_MIN_ROWS rows also go to `model.generate`: there our loop was not
+1.3x faster on the embedded model (results/bench.md). `engine="hf"` forces `model.generate`,
+`engine="ftsafety"` our loop; the `stats` dict names the engine that ran.
+
+`generate_from_ids` owns what `model.generate` does not do: each prompt encoded once, prompts sorted by
+length so a batch has little padding, batching, sharding over processes, and the stats.
 
 `shard=True` with several processes (accelerate launch / torchrun): the batches are formed exactly as in
 one process (same sort, same batch_size), process r decodes batches r, r + P, r + 2P, ... and every
@@ -22,11 +27,22 @@ since every batch is the same batch. Every process must make the call.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 
 import torch
 
 from ftsafety import distributed
+
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Log a fallback once per process (not once per batch)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
 
 # generation-config fields that add logits processors under greedy decoding: a non-default value sends the
 # batch to model.generate, which applies them
@@ -41,25 +57,54 @@ _PROCESSOR_FIELDS = {
 }
 
 
+# engine="auto" runs our loop only on batches of at least this many rows: measured on SmolLM2-135M (2 CPU
+# threads, transformers 5.23 and 5.24, scripts/bench_eval.py), batched model.generate on the same batches
+# took 1.1-1.2x our loop's time at 16 rows and 1.4-1.7x at 64 and 128 rows (results/bench.md); issue #14's
+# rule keeps a hand-written path only where it is at least 1.3x faster.
+FAST_MIN_ROWS = 64
+ENGINES = ("auto", "hf", "ftsafety")
+
+
 def _forward_params(model) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _fast_path_ok(model) -> bool:
-    """True when our greedy loop reproduces model.generate: a decoder-only LM that takes a KV cache and
-    position ids, and a generation config that adds no logits processor."""
+def cache_kwarg(model) -> str | None:
+    """The name under which the model's forward takes its KV cache: `cache` (transformers >= 5.24),
+    `past_key_values` (earlier releases), None when it takes neither."""
+    params = _forward_params(model)
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _out_cache(res):
+    """The cache a forward returned, under either release's field name."""
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else getattr(res, "past_key_values", None)
+
+
+def fast_path_reason(model) -> str | None:
+    """None when our greedy loop reproduces model.generate (a decoder-only LM that takes a KV cache and
+    position ids, and a generation config that adds no logits processor); else why it does not apply."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        return False
-    if not {"past_key_values", "attention_mask", "position_ids"} <= _forward_params(model):
-        return False
+        return "not a decoder-only model"
+    params = _forward_params(model)
+    if cache_kwarg(model) is None:
+        return f"{type(model).__name__}.forward takes no KV cache argument (cache / past_key_values)"
+    missing = {"attention_mask", "position_ids"} - params
+    if missing:
+        return f"{type(model).__name__}.forward takes no {', '.join(sorted(missing))}"
     gcfg = getattr(model, "generation_config", None)
     if gcfg is not None:
         for name, defaults in _PROCESSOR_FIELDS.items():
             value = getattr(gcfg, name, None)
             if value not in defaults and not (isinstance(value, (list, tuple, dict)) and not value):
-                return False
-    return True
+                return f"the generation config sets {name}={value!r} (a logits processor)"
+    return None
+
+
+def _fast_path_ok(model) -> bool:
+    return fast_path_reason(model) is None
 
 
 def _reserved_layer_class():
@@ -182,7 +227,7 @@ def _grouped_prefill(model, cache, ids: torch.Tensor, mask: torch.Tensor, pos: t
             layer.window(g, p + width - w)
         att = torch.cat([mask.new_ones((ids[g].shape[0], p)), mask[g]], dim=-1)
         res = model(input_ids=ids[g, width - w :], attention_mask=att, position_ids=pos[g, width - w :],
-                    past_key_values=cache, use_cache=True, return_dict=True, **extra)
+                    use_cache=True, return_dict=True, **{cache_kwarg(model): cache}, **extra)
         last.append(res.logits[:, -1])
         del res
     for layer in cache.layers:
@@ -208,11 +253,12 @@ def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     if p and cache is None:
         raise ValueError("a shared prefix needs a cache that can copy rows (see share_prefix_ok)")
     extra = {"logits_to_keep": 1} if keep_logits else {}
+    ckw = cache_kwarg(model)
     t_start = time.perf_counter()
     if p:
         pre = torch.tensor([prefix], dtype=torch.long, device=ids.device)
         model(input_ids=pre, attention_mask=None, position_ids=torch.arange(p, device=ids.device)[None],
-              past_key_values=cache, use_cache=True, return_dict=True, **extra)
+              use_cache=True, return_dict=True, **{ckw: cache}, **extra)
         cache.batch_repeat_interleave(n)
         pos = (p + mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         full = torch.cat([mask.new_ones((n, p)), mask], dim=-1)
@@ -230,9 +276,9 @@ def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
         if t == 0 and len(groups) > 1:
             nxt = _grouped_prefill(model, cache, ids, mask, pos, p, groups, extra).argmax(-1)
         else:
-            res = model(input_ids=step_ids, attention_mask=att, position_ids=step_pos, past_key_values=cache,
-                        use_cache=True, return_dict=True, **extra)
-            cache = res.past_key_values
+            res = model(input_ids=step_ids, attention_mask=att, position_ids=step_pos, use_cache=True,
+                        return_dict=True, **{ckw: cache}, **extra)
+            cache = _out_cache(res)
             nxt = res.logits[:, -1].argmax(-1)  # argmax of the fp32 copy model.generate takes is the same index
             del res
         nxt_list = nxt.tolist()
@@ -290,7 +336,7 @@ def generate_from_ids(
     tokenizer,
     encoded: list[list[int]],
     max_new_tokens: int = 128,
-    batch_size: int = 32,
+    batch_size: int = 64,
     progress=None,
     description: str = "generating",
     engine: str = "auto",
@@ -300,24 +346,42 @@ def generate_from_ids(
     prefill_rows: int = 16,
 ) -> list[list[int]]:
     """Generated token ids (EOS excluded) for each encoded prompt, in their order. engine: auto (our loop
-    where it reproduces model.generate, else model.generate) or hf (model.generate always). shard: split
+    where it reproduces model.generate and batches hold at least FAST_MIN_ROWS rows, else model.generate),
+    hf (model.generate always) or ftsafety (our loop always; an error where it cannot apply). shard: split
     the batches over the processes of a multi-process launch (see the module doc). A `stats` dict gets
     (added to it) batches, prompt_tokens, padded_prompt_tokens and, on our loop, prefill_s and
     decode_row_steps (rows computed by the decoding steps after the first): this process's batches.
     share_prefix (our loop): the prompt tokens every prompt of a batch starts with (a template's header)
     run once per batch; the rest of each prompt follows at its own positions (see `_greedy_rows`), its
     forward pass run in groups of `prefill_rows` prompts of similar length (0: the whole batch at once)."""
-    if engine not in ("auto", "hf"):
-        raise ValueError(f"engine must be auto or hf, got {engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not encoded:
         return []
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    fast = engine == "auto" and _fast_path_ok(model)
+    reason = fast_path_reason(model) if engine != "hf" else None
+    if engine == "ftsafety" and reason is not None:
+        raise ValueError(f"engine ftsafety cannot run this model: {reason}")
+    rows_per_batch = min(batch_size, len(encoded))
+    fast = engine == "ftsafety" or (engine == "auto" and reason is None and rows_per_batch >= FAST_MIN_ROWS)
+    if engine == "auto" and reason is not None:
+        _say_once(f"generation: model.generate decodes each batch ({reason}); our faster loop does not apply")
     keep_logits = fast and "logits_to_keep" in _forward_params(model)
     share = share_prefix and fast and share_prefix_ok(model)
+    if share_prefix and fast and not share:
+        _say_once("generation: the shared prompt prefix is not run once per batch (the model's KV cache is not "
+                  "a plain DynamicCache of full-attention layers)")
+    if stats is not None:
+        stats["engine"] = "ftsafety" if fast else "hf"
+        stats["shared_prefix"] = share
+        if reason is not None:
+            stats["fallback_reason"] = reason
+        elif engine == "auto" and not fast:
+            stats["engine_reason"] = (f"batches of {rows_per_batch} rows: below {FAST_MIN_ROWS} our loop is not "
+                                      f"1.3x faster than model.generate (results/bench.md)")
     out: list[list[int] | None] = [None] * len(encoded)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     sharded = shard and distributed.world_size() > 1
@@ -367,28 +431,30 @@ def generate_tokens(
     tokenizer,
     prompts: list[str],
     max_new_tokens: int = 128,
-    batch_size: int = 32,
+    batch_size: int = 64,
     progress=None,
     description: str = "generating",
     max_prompt_tokens: int | None = None,
     engine: str = "auto",
     shard: bool = False,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """Generated token ids of each prompt (EOS excluded), in the prompts' order; each prompt encoded once."""
     return generate_from_ids(model, tokenizer, encode_prompts(tokenizer, prompts, max_prompt_tokens),
-                             max_new_tokens, batch_size, progress, description, engine, shard)
+                             max_new_tokens, batch_size, progress, description, engine, shard, stats)
 
 
 def decode(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def generate_with_counts(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 32,
+def generate_with_counts(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 64,
                          progress=None, description: str = "generating", max_prompt_tokens: int | None = None,
-                         engine: str = "auto", shard: bool = False) -> tuple[list[str], list[int]]:
+                         engine: str = "auto", shard: bool = False,
+                         stats: dict | None = None) -> tuple[list[str], list[int]]:
     """Completions and the number of tokens generated for each (EOS excluded): no re-tokenising to count."""
     toks = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, progress, description,
-                           max_prompt_tokens, engine, shard)
+                           max_prompt_tokens, engine, shard, stats)
     return [decode(tokenizer, t) for t in toks], [len(t) for t in toks]
 
 
