@@ -108,6 +108,12 @@ def test_smoke_table_runs_reuses_its_stages_and_reports(tmp_path, cli):
         assert all(row["hs"][p] is not None and row["fa"][p] is not None for p in table["ratios"])
     md = (results / "table.md").read_text()
     assert "| Method | HS p=0 | HS p=0.25 | HS avg | FA p=0 | FA p=0.25 | FA avg |" in md
+    for row in table["rows"]:  # every cell carries its n and 95% interval; rows but SFT their test against SFT
+        for m in ("hs", "fa"):
+            assert all(row[f"{m}_n"][p] and row[f"{m}_ci"][p][0] <= row[m][p] <= row[f"{m}_ci"][p][1]
+                       for p in table["ratios"])
+            assert set(row[f"{m}_p_vs_sft"]) == (set() if row["row"] == "SFT" else set(table["ratios"]))
+    assert "95% Wilson interval" in md and "two-proportion" in md
     assert (results / "table.csv").read_text().count("\n") == 1 + 16
     # the rerun finds every stage finished and runs none
     r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--runs", str(runs), "-q")

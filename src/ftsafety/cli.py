@@ -110,7 +110,7 @@ def evaluate(
     model: Model = "smollm2-135m",
     data: Data = "builtin",
     task: Annotated[str, typer.Option(help="sst2 | ag_news | gsm8k | none.")] = "sst2",
-    judge: Annotated[str, typer.Option(help="keyword | beaver-dam[:path] | llama-guard[:path] | classifier:<id-or-path>.")] = "keyword",
+    judge: Annotated[str, typer.Option(help="keyword | compliance | beaver-dam[:path] | llama-guard[:path] | classifier:<id-or-path>.")] = "keyword",
     hs_limit: Annotated[int, typer.Option(help="Harmful prompts to score (0 skips HS).")] = 700,
     fa_limit: Annotated[int, typer.Option(help="Task test items (0 skips FA).")] = 872,
     or_limit: Annotated[int, typer.Option(help="Benign instructions for over-refusal (0 skips OR).")] = 100,

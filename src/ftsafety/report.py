@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ftsafety.errors import FtsafetyError
+from ftsafety.evaluation.stats import two_proportion_p, wilson
 from ftsafety.pipeline import RESULT_KEYS
 from ftsafety.utils import atomic_write_text, write_json
 
@@ -66,6 +67,8 @@ def build_table(records: list[dict]) -> dict:
         p = f"{rec['p']:g}"
         row["hs"][p] = rec["results"].get("hs")
         row["fa"][p] = rec["results"].get("fa")
+        row.setdefault("hs_n", {})[p] = rec["results"].get("hs_n")
+        row.setdefault("fa_n", {})[p] = rec["results"].get("fa_n")
         row["paper_hs"][p] = rec["paper"].get("hs")
         row["paper_fa"][p] = rec["paper"].get("fa")
         row["seconds"][p] = sum(s.get("seconds") or 0 for s in rec["stages"])
@@ -73,7 +76,46 @@ def build_table(records: list[dict]) -> dict:
         for m in ("hs", "fa"):
             vals = [v for v in row[m].values() if v is not None]
             row[f"{m}_avg"] = sum(vals) / len(vals) if len(vals) == len(ratios) else None
+    _intervals_and_tests(rows)
     return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values())}
+
+
+def _count(rate: float | None, n: int | None) -> int | None:
+    return None if rate is None or not n else round(rate * n / 100)
+
+
+def _intervals_and_tests(rows: dict[str, dict], baseline: str = "SFT", alpha: float = 0.05) -> None:
+    """Each HS/FA cell's 95% Wilson interval (from its n), and for every row but the baseline the
+    two-sided two-proportion test against the baseline row at the same p (significant below alpha)."""
+    base = rows.get(baseline)
+    for row in rows.values():
+        for m in ("hs", "fa"):
+            row[f"{m}_ci"], row[f"{m}_p_vs_{baseline.lower()}"] = {}, {}
+            for p, rate in row[m].items():
+                n = (row.get(f"{m}_n") or {}).get(p)
+                k = _count(rate, n)
+                if k is None:
+                    continue
+                lo, hi = wilson(k, n)
+                row[f"{m}_ci"][p] = [round(100 * lo, 1), round(100 * hi, 1)]
+                if base is None or row is base:
+                    continue
+                kb, nb = _count(base[m].get(p), (base.get(f"{m}_n") or {}).get(p)), (base.get(f"{m}_n") or {}).get(p)
+                if kb is not None:
+                    row[f"{m}_p_vs_{baseline.lower()}"][p] = two_proportion_p(k, n, kb, nb)
+        row["significance_alpha"] = alpha
+
+
+def _cell(row: dict, m: str, p: str) -> str:
+    """'12.5 [8.1, 18.3]*' : the rate, its 95% interval, * where it differs from SFT's at this p (p < 0.05)."""
+    text = _fmt(row[m].get(p))
+    ci = row.get(f"{m}_ci", {}).get(p)
+    if ci:
+        text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+    pv = row.get(f"{m}_p_vs_sft", {}).get(p)
+    if pv is not None and pv < row.get("significance_alpha", 0.05):
+        text += "*"
+    return text
 
 
 def markdown(table: dict, meta: dict) -> str:
@@ -88,13 +130,18 @@ def markdown(table: dict, meta: dict) -> str:
         cells = [row["row"]]
         for m in ("hs", "fa"):
             for p in ps:
-                ours, paper = _fmt(row[m].get(p)), row[f"paper_{m}"].get(p)
+                ours, paper = _cell(row, m, p), row[f"paper_{m}"].get(p)
                 cells.append(ours if paper is None else f"{ours} ({paper:.1f})")
             cells.append(_fmt(row[f"{m}_avg"]))
         lines.append("| " + " | ".join(cells) + " |")
+    ns = sorted({f"HS n={r['hs_n'].get(p)}, FA n={r['fa_n'].get(p)}" for r in table["rows"] for p in ps
+                 if r.get("hs_n", {}).get(p) or r.get("fa_n", {}).get(p)})
     lines += ["", "HS: harmful score, % of held-out harmful prompts whose answer the judge flags (lower is better). "
               "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
-              "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns."]
+              "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns. "
+              "In brackets: the 95% Wilson interval of each rate"
+              + (f" ({'; '.join(ns)})" if ns else "") + ". * : different from SFT at the same p "
+              "(two-sided two-proportion z-test, p < 0.05); no star, no significant difference."]
     if meta.get("paper_source"):
         lines += ["", f"In parentheses: the paper's figure — {meta['paper_source']}. "
                   "Our setting differs (model, data size, judge), so compare the direction of each change, "
@@ -110,11 +157,16 @@ def markdown(table: dict, meta: dict) -> str:
 def to_csv(table: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "p", "hs", "fa", "paper_hs", "paper_fa", "pipeline_seconds"])
+    w.writerow(["method", "p", "hs", "hs_n", "hs_ci_low", "hs_ci_high", "hs_p_vs_sft", "fa", "fa_n", "fa_ci_low",
+                "fa_ci_high", "fa_p_vs_sft", "paper_hs", "paper_fa", "pipeline_seconds"])
     for row in table["rows"]:
         for p in table["ratios"]:
-            w.writerow([row["row"], p, row["hs"].get(p), row["fa"].get(p), row["paper_hs"].get(p),
-                        row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1)])
+            cells = [row["row"], p]
+            for m in ("hs", "fa"):
+                ci = row.get(f"{m}_ci", {}).get(p) or [None, None]
+                pv = row.get(f"{m}_p_vs_sft", {}).get(p)
+                cells += [row[m].get(p), row.get(f"{m}_n", {}).get(p), *ci, None if pv is None else round(pv, 4)]
+            w.writerow([*cells, row["paper_hs"].get(p), row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1)])
     return buf.getvalue()
 
 
