@@ -277,3 +277,17 @@ def test_wilson_interval_and_two_proportion_test():
     a = agreement([True, True, False, False], [True, False, False, True])
     assert (a["tp"], a["fn"], a["tn"], a["fp"]) == (1, 1, 1, 1) and a["accuracy"] == 0.5 and a["kappa"] == 0.0
     assert agreement([True, False], [True, False])["kappa"] == 1.0
+
+
+def test_generation_record_names_each_part_where_engines_differ():
+    """results.json's `generation`: one value where HS, FA and OR agree, each part's where they do not."""
+    from ftsafety.evaluation.evaluate import _generation_record
+
+    same = {"hs": {"engine": "ftsafety", "shared_prefix": True}, "fa": {"engine": "ftsafety", "shared_prefix": True},
+            "or": {}}
+    assert _generation_record(same) == {"engine": "ftsafety", "shared_prefix": True}
+    mixed = {"hs": {"engine": "ftsafety", "shared_prefix": True},
+             "fa": {"engine": "hf", "shared_prefix": False, "engine_reason": "batches of 40 rows"}, "or": {}}
+    assert _generation_record(mixed) == {"engine": {"hs": "ftsafety", "fa": "hf"},
+                                         "shared_prefix": {"hs": True, "fa": False},
+                                         "engine_reason": {"fa": "batches of 40 rows"}}

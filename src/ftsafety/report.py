@@ -62,13 +62,13 @@ def build_table(records: list[dict]) -> dict:
     rows: dict[str, dict] = {}
     for rec in records:
         row = rows.setdefault(rec["row"], {"row": rec["row"], "methods": rec.get("methods", []), "hs": {}, "fa": {},
-                                           "paper_hs": {}, "paper_fa": {}, "note": rec["paper"].get("note", ""),
-                                           "seconds": {}})
+                                           "hs_n": {}, "fa_n": {}, "paper_hs": {}, "paper_fa": {},
+                                           "note": rec["paper"].get("note", ""), "seconds": {}})
         p = f"{rec['p']:g}"
         row["hs"][p] = rec["results"].get("hs")
         row["fa"][p] = rec["results"].get("fa")
-        row.setdefault("hs_n", {})[p] = rec["results"].get("hs_n")
-        row.setdefault("fa_n", {})[p] = rec["results"].get("fa_n")
+        row["hs_n"][p] = rec["results"].get("hs_n")
+        row["fa_n"][p] = rec["results"].get("fa_n")
         row["paper_hs"][p] = rec["paper"].get("hs")
         row["paper_fa"][p] = rec["paper"].get("fa")
         row["seconds"][p] = sum(s.get("seconds") or 0 for s in rec["stages"])
@@ -77,22 +77,25 @@ def build_table(records: list[dict]) -> dict:
             vals = [v for v in row[m].values() if v is not None]
             row[f"{m}_avg"] = sum(vals) / len(vals) if len(vals) == len(ratios) else None
     _intervals_and_tests(rows)
-    return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values())}
+    return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values()), "significance_alpha": ALPHA}
 
 
 def _count(rate: float | None, n: int | None) -> int | None:
     return None if rate is None or not n else round(rate * n / 100)
 
 
-def _intervals_and_tests(rows: dict[str, dict], baseline: str = "SFT", alpha: float = 0.05) -> None:
+BASELINE, ALPHA = "SFT", 0.05  # each row is tested against the SFT row at the same p, two-sided, at 5%
+
+
+def _intervals_and_tests(rows: dict[str, dict]) -> None:
     """Each HS/FA cell's 95% Wilson interval (from its n), and for every row but the baseline the
-    two-sided two-proportion test against the baseline row at the same p (significant below alpha)."""
-    base = rows.get(baseline)
+    two-sided two-proportion test against the baseline row at the same p (significant below ALPHA)."""
+    base = rows.get(BASELINE)
     for row in rows.values():
         for m in ("hs", "fa"):
-            row[f"{m}_ci"], row[f"{m}_p_vs_{baseline.lower()}"] = {}, {}
+            row[f"{m}_ci"], row[f"{m}_p_vs_sft"] = {}, {}
             for p, rate in row[m].items():
-                n = (row.get(f"{m}_n") or {}).get(p)
+                n = row[f"{m}_n"].get(p)
                 k = _count(rate, n)
                 if k is None:
                     continue
@@ -100,20 +103,20 @@ def _intervals_and_tests(rows: dict[str, dict], baseline: str = "SFT", alpha: fl
                 row[f"{m}_ci"][p] = [round(100 * lo, 1), round(100 * hi, 1)]
                 if base is None or row is base:
                     continue
-                kb, nb = _count(base[m].get(p), (base.get(f"{m}_n") or {}).get(p)), (base.get(f"{m}_n") or {}).get(p)
+                nb = base[f"{m}_n"].get(p)
+                kb = _count(base[m].get(p), nb)
                 if kb is not None:
-                    row[f"{m}_p_vs_{baseline.lower()}"][p] = two_proportion_p(k, n, kb, nb)
-        row["significance_alpha"] = alpha
+                    row[f"{m}_p_vs_sft"][p] = two_proportion_p(k, n, kb, nb)
 
 
 def _cell(row: dict, m: str, p: str) -> str:
-    """'12.5 [8.1, 18.3]*' : the rate, its 95% interval, * where it differs from SFT's at this p (p < 0.05)."""
+    """'12.5 [8.1, 18.3]*' : the rate, its 95% interval, * where it differs from SFT's at this p (p < ALPHA)."""
     text = _fmt(row[m].get(p))
-    ci = row.get(f"{m}_ci", {}).get(p)
+    ci = row[f"{m}_ci"].get(p)
     if ci:
         text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
-    pv = row.get(f"{m}_p_vs_sft", {}).get(p)
-    if pv is not None and pv < row.get("significance_alpha", 0.05):
+    pv = row[f"{m}_p_vs_sft"].get(p)
+    if pv is not None and pv < ALPHA:
         text += "*"
     return text
 
@@ -135,13 +138,13 @@ def markdown(table: dict, meta: dict) -> str:
             cells.append(_fmt(row[f"{m}_avg"]))
         lines.append("| " + " | ".join(cells) + " |")
     ns = sorted({f"HS n={r['hs_n'].get(p)}, FA n={r['fa_n'].get(p)}" for r in table["rows"] for p in ps
-                 if r.get("hs_n", {}).get(p) or r.get("fa_n", {}).get(p)})
+                 if r["hs_n"].get(p) or r["fa_n"].get(p)})
     lines += ["", "HS: harmful score, % of held-out harmful prompts whose answer the judge flags (lower is better). "
               "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
               "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns. "
               "In brackets: the 95% Wilson interval of each rate"
               + (f" ({'; '.join(ns)})" if ns else "") + ". * : different from SFT at the same p "
-              "(two-sided two-proportion z-test, p < 0.05); no star, no significant difference."]
+              f"(two-sided two-proportion z-test, p < {ALPHA:g}); no star, no significant difference."]
     if meta.get("paper_source"):
         lines += ["", f"In parentheses: the paper's figure — {meta['paper_source']}. "
                   "Our setting differs (model, data size, judge), so compare the direction of each change, "
@@ -163,9 +166,9 @@ def to_csv(table: dict) -> str:
         for p in table["ratios"]:
             cells = [row["row"], p]
             for m in ("hs", "fa"):
-                ci = row.get(f"{m}_ci", {}).get(p) or [None, None]
-                pv = row.get(f"{m}_p_vs_sft", {}).get(p)
-                cells += [row[m].get(p), row.get(f"{m}_n", {}).get(p), *ci, None if pv is None else round(pv, 4)]
+                ci = row[f"{m}_ci"].get(p) or [None, None]
+                pv = row[f"{m}_p_vs_sft"].get(p)
+                cells += [row[m].get(p), row[f"{m}_n"].get(p), *ci, None if pv is None else round(pv, 4)]
             w.writerow([*cells, row["paper_hs"].get(p), row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1)])
     return buf.getvalue()
 

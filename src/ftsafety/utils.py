@@ -129,10 +129,11 @@ def dependency_report() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, requires, version
 
     try:
-        ranges = [r for r in (requires("ftsafety") or []) if "extra ==" not in r]
-        extras = [r for r in (requires("ftsafety") or []) if "extra ==" in r]
+        reqs = requires("ftsafety") or []
     except PackageNotFoundError:  # pragma: no cover - run from a source tree without an install
-        ranges, extras = [], []
+        reqs = []
+    ranges = [r for r in reqs if "extra ==" not in r]
+    extras = [r for r in reqs if "extra ==" in r]
     locked = locked_requirements()
     differs = {}
     for name, want in locked.items():

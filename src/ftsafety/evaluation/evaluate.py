@@ -30,7 +30,7 @@ class EvalConfig:
     hs_limit: int = 700  # harmful prompts (0 = skip HS)
     fa_limit: int = 872  # task test items (0 = skip FA)
     or_limit: int = 100  # benign instructions for over-refusal (0 = skip OR)
-    batch_size: int = 64  # >= FAST_MIN_ROWS: our generation loop (1.3-1.7x model.generate on CPU)
+    batch_size: int = 64  # >= FAST_MIN_ROWS: our generation loop (1.28-1.46x model.generate at 64 rows on CPU)
     max_new_tokens: int = 128  # HS and OR generation (Vaccine: 128; Lisa/Booster/Antidote: 512)
     fa_max_new_tokens: int = 32  # classification answers are one word; use 200-512 for GSM8K
     device: str = "auto"
@@ -74,7 +74,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed}
     timings: dict[str, float] = {}
     gen_tokens = 0
-    gen_stats: dict = {}  # which engine decoded (ours or model.generate) and why, for results.json
+    gen_stats: dict[str, dict] = {"hs": {}, "fa": {}, "or": {}}  # which engine decoded each part, and why
 
     def prompts_for(exs):
         return [D.format_prompt(e, cfg.data.template, tokenizer) for e in exs]
@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "harmful prompt",
                                    "--max-new-tokens")
             responses, counts = generate_with_counts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog,
-                                                     "harmful prompts", shard=True, stats=gen_stats)
+                                                     "harmful prompts", shard=True, stats=gen_stats["hs"])
             gen_tokens += sum(counts)  # tokens generated before EOS, counted by generate (no re-tokenising)
             timings["hs_generation_s"] = time.perf_counter() - t0
             if main:  # the judge runs on the main process only (its results are shared at the end)
@@ -113,7 +113,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.fa_max_new_tokens, f"{cfg.task} test item",
                                    "--fa-max-new-tokens")
             outs = generate(model, tokenizer, prompts, cfg.fa_max_new_tokens, cfg.batch_size, prog, f"{cfg.task} test",
-                            shard=True, stats=gen_stats)
+                            shard=True, stats=gen_stats["fa"])
             correct = [is_correct(cfg.task, o, e["gold"]) for o, e in zip(outs, exs)]
             results["fa"] = 100.0 * sum(correct) / len(exs)
             results["fa_n"] = len(exs)
@@ -130,7 +130,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             exs = [{"instruction": it["instruction"], "input": ""} for it in items]
             prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "benign prompt", "--max-new-tokens")
             outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog, "benign prompts",
-                            shard=True, stats=gen_stats)
+                            shard=True, stats=gen_stats["or"])
             refused = [is_refusal(o) for o in outs]
             results["or"] = 100.0 * sum(refused) / len(items)
             results["or_n"] = len(items)
@@ -140,7 +140,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     results["generated_tokens_hs"] = gen_tokens
-    results["generation"] = {k: gen_stats[k] for k in ("engine", "shared_prefix", "fallback_reason") if k in gen_stats}
+    results["generation"] = _generation_record(gen_stats)
     results["environment"] = environment()
 
     def write() -> dict:  # several processes: the main one writes, the others wait and get its results
@@ -155,6 +155,19 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     if not quiet:
         print_results(results)
     return results
+
+
+def _generation_record(stats: dict[str, dict]) -> dict:
+    """Which engine decoded and why (`generate_from_ids` stats), one value per key where every part that
+    ran agrees, else the value of each part (e.g. HS on batches of 64 by our loop, FA on 40 by generate)."""
+    parts = {part: st for part, st in stats.items() if st}
+    out: dict = {}
+    for key in ("engine", "shared_prefix", "fallback_reason", "engine_reason"):
+        values = {part: st[key] for part, st in parts.items() if key in st}
+        if values:
+            same = len(set(map(repr, values.values()))) == 1 and len(values) == len(parts)
+            out[key] = next(iter(values.values())) if same else values
+    return out
 
 
 def _fit_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what: str, flag: str) -> list[str]:

@@ -58,9 +58,9 @@ _PROCESSOR_FIELDS = {
 
 
 # engine="auto" runs our loop only on batches of at least this many rows: measured on SmolLM2-135M (2 CPU
-# threads, transformers 5.23 and 5.24, scripts/bench_eval.py), batched model.generate on the same batches
-# took 1.1-1.2x our loop's time at 16 rows and 1.4-1.7x at 64 and 128 rows (results/bench.md); issue #14's
-# rule keeps a hand-written path only where it is at least 1.3x faster.
+# threads, transformers 5.23 and 5.24, scripts/bench_eval.py, three runs), batched model.generate on the same
+# batches took 0.96-1.23x our loop's time at 16 rows, 1.28-1.46x at 64 and 1.34-1.82x at 128 (results/bench.md);
+# issue #14's rule keeps a hand-written path only where it is at least 1.3x faster.
 FAST_MIN_ROWS = 64
 ENGINES = ("auto", "hf", "ftsafety")
 
@@ -69,10 +69,11 @@ def _forward_params(model) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def cache_kwarg(model) -> str | None:
+def cache_kwarg(model, params: set[str] | None = None) -> str | None:
     """The name under which the model's forward takes its KV cache: `cache` (transformers >= 5.24),
-    `past_key_values` (earlier releases), None when it takes neither."""
-    params = _forward_params(model)
+    `past_key_values` (earlier releases), None when it takes neither. `params`: the forward's parameter
+    names when the caller has them already."""
+    params = _forward_params(model) if params is None else params
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
@@ -89,7 +90,7 @@ def fast_path_reason(model) -> str | None:
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
         return "not a decoder-only model"
     params = _forward_params(model)
-    if cache_kwarg(model) is None:
+    if cache_kwarg(model, params) is None:
         return f"{type(model).__name__}.forward takes no KV cache argument (cache / past_key_values)"
     missing = {"attention_mask", "position_ids"} - params
     if missing:
@@ -101,10 +102,6 @@ def fast_path_reason(model) -> str | None:
             if value not in defaults and not (isinstance(value, (list, tuple, dict)) and not value):
                 return f"the generation config sets {name}={value!r} (a logits processor)"
     return None
-
-
-def _fast_path_ok(model) -> bool:
-    return fast_path_reason(model) is None
 
 
 def _reserved_layer_class():
@@ -204,7 +201,7 @@ def common_prefix_len(seqs: list[list[int]], min_len: int = 8) -> int:
 
 def share_prefix_ok(model) -> bool:
     """True when `generate_from_ids` can run a batch's shared prompt prefix once (our cache fits the model)."""
-    return _fast_path_ok(model) and _reserved_cache(model, 1) is not None
+    return fast_path_reason(model) is None and _reserved_cache(model, 1) is not None
 
 
 def prefill_groups(mask: torch.Tensor, rows: int) -> list[tuple[slice, int]]:
@@ -216,7 +213,7 @@ def prefill_groups(mask: torch.Tensor, rows: int) -> list[tuple[slice, int]]:
 
 
 def _grouped_prefill(model, cache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, p: int,
-                     groups: list[tuple[slice, int]], extra: dict) -> torch.Tensor:
+                     groups: list[tuple[slice, int]], extra: dict, ckw: str) -> torch.Tensor:
     """The prompts' forward pass group by group, each group padded only to its own longest prompt, into
     the batch's reserved cache (every row right-aligned at column p + width, as one padded forward would
     leave it); the last position's logits of every row."""
@@ -227,7 +224,7 @@ def _grouped_prefill(model, cache, ids: torch.Tensor, mask: torch.Tensor, pos: t
             layer.window(g, p + width - w)
         att = torch.cat([mask.new_ones((ids[g].shape[0], p)), mask[g]], dim=-1)
         res = model(input_ids=ids[g, width - w :], attention_mask=att, position_ids=pos[g, width - w :],
-                    use_cache=True, return_dict=True, **{cache_kwarg(model): cache}, **extra)
+                    use_cache=True, return_dict=True, **{ckw: cache}, **extra)
         last.append(res.logits[:, -1])
         del res
     for layer in cache.layers:
@@ -274,7 +271,7 @@ def _greedy_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
         stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + p + sum(w * (g.stop - g.start) for g, w in groups)
     for t in range(max_new_tokens):
         if t == 0 and len(groups) > 1:
-            nxt = _grouped_prefill(model, cache, ids, mask, pos, p, groups, extra).argmax(-1)
+            nxt = _grouped_prefill(model, cache, ids, mask, pos, p, groups, extra, ckw).argmax(-1)
         else:
             res = model(input_ids=step_ids, attention_mask=att, position_ids=step_pos, use_cache=True,
                         return_dict=True, **{ckw: cache}, **extra)
