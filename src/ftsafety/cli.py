@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 from ftsafety.commands.common import (  # noqa: E402  shared option aliases and helpers
-    BenignRatio, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Resume, Seed, Template, Trust, Verbose,
+    BenignRatio, BenignTask, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Resume, Seed, Template, Trust, Verbose,
     _common, _default_out, _done, _setup, _train_configs,
 )
 
@@ -32,6 +32,7 @@ def align(
     data: Data = "builtin",
     n: Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")] = 300,
     benign_ratio: BenignRatio = 0.5,
+    benign_task: BenignTask = "none",
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 2.0,
@@ -60,7 +61,7 @@ def align(
 
     _setup(verbose, quiet)
     tcfg, lora = _train_configs(opts)
-    st = stages.AlignStage(method="sft", n=n, benign_ratio=benign_ratio, train=tcfg, lora=lora)
+    st = stages.AlignStage(method="sft", n=n, benign_ratio=benign_ratio, benign_task=benign_task, train=tcfg, lora=lora)
     out = out or _default_out("align", resume)
     _done(out, stages.align(st, model, out, _common(opts), resume=resume))
 

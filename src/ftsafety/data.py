@@ -273,11 +273,17 @@ def _category(row: dict) -> str:
     return str(cat) if cat else "unknown"
 
 
-def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed: int = 42) -> list[dict]:
+def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed: int = 42,
+                       benign_task: str = "none") -> list[dict]:
     """(harmful prompt, refusal) pairs, Booster's setting; refusals are varied and built by us.
 
     `benign_ratio` mixes that share of harmless instructions with helpful answers into the set, so
     that alignment teaches *when* to refuse rather than refusing everything.
+
+    `benign_task` (a task name, or "none") takes half of that benign share from the task's training
+    rows, counted from the end of the split (the fine-tune mix reads from its start). Those are
+    instructions *with an `### Input:` section*; without any, a small aligned model learns to refuse
+    every prompt of that shape, SST-2's included (EXPERIMENTS.md, 2026-11-30).
     """
     if n < 1:
         raise FtsafetyError(f"alignment size must be >= 1, got {n}")
@@ -295,10 +301,22 @@ def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed:
          "kind": "refusal"}
         for r in pool[:n_refusal]
     ]
+    n_task = 0
+    if benign_task != "none":
+        if benign_task not in TASKS:
+            raise FtsafetyError(f"unknown benign task {benign_task!r}; choose none or one of {', '.join(TASKS)}")
+        n_task = n_benign // 2
+        if n_task:
+            task_rows = task_examples(cfg, benign_task, "train")
+            if n_task > len(task_rows):
+                raise FtsafetyError(f"alignment asks for {n_task} {benign_task} examples but {len(task_rows)} are available")
+            out += [{"instruction": t["instruction"], "input": t["input"], "output": t["output"], "kind": "benign-task"}
+                    for t in task_rows[len(task_rows) - n_task:]]
     benign = builtin_data.benign_instructions("train")
-    if n_benign > len(benign):
-        raise FtsafetyError(f"alignment asks for {n_benign} benign examples but {len(benign)} are built in")
-    out += [{"instruction": b["instruction"], "input": "", "output": b["output"], "kind": "benign"} for b in benign[:n_benign]]
+    n_plain = n_benign - n_task
+    if n_plain > len(benign):
+        raise FtsafetyError(f"alignment asks for {n_plain} benign examples but {len(benign)} are built in")
+    out += [{"instruction": b["instruction"], "input": "", "output": b["output"], "kind": "benign"} for b in benign[:n_plain]]
     random.Random(seed).shuffle(out)
     return out
 

@@ -35,11 +35,19 @@ def _check(method: str, allowed: tuple[str, ...], what: str) -> None:
         raise FtsafetyError(f"unknown {what} method {method!r}; choose one of {', '.join(allowed)}")
 
 
+def _check_benign_task(task: str) -> None:
+    from ftsafety.data import TASKS
+
+    if task != "none" and task not in TASKS:
+        raise FtsafetyError(f"unknown benign task {task!r}; choose none or one of {', '.join(TASKS)}")
+
+
 @dataclass
 class AlignStage:
     method: str = "sft"
     n: int = 300
     benign_ratio: float = 0.5
+    benign_task: str = "none"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=1e-3, scheduler="cosine",
                                                                    weight_decay=0.1))
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -52,6 +60,7 @@ class AlignStage:
             raise FtsafetyError(f"alignment size must be >= 1 (--n / align.n), got {self.n}")
         if not 0.0 <= self.benign_ratio < 1.0:
             raise FtsafetyError(f"benign ratio must be in [0, 1), got {self.benign_ratio}")
+        _check_benign_task(self.benign_task)
 
     def resolved(self) -> dict:
         """The keys that decide this stage's output (the other methods' knobs left out)."""
@@ -70,8 +79,10 @@ class LisaStage:
     prox_start: float = 0.1
     align_n: int = 300
     align_benign_ratio: float = 0.5
+    align_benign_task: str = "none"
 
     def __post_init__(self):
+        _check_benign_task(self.align_benign_task)
         self.config()  # LisaConfig checks the step budgets and rho
         if self.align_n < 0:
             raise FtsafetyError(f"--align-n must be >= 0, got {self.align_n}")
@@ -171,8 +182,8 @@ def align(st: AlignStage, parent: str, out: str | Path, c: Common, resume: bool 
     if st.method == "none":
         raise FtsafetyError("align method 'none' writes no stage")
     tcfg = dataclasses.replace(st.train, seed=c.seed)
-    examples = D.alignment_examples(c.data, st.n, st.benign_ratio, c.seed)
-    extra: dict = {"benign_ratio": st.benign_ratio}
+    examples = D.alignment_examples(c.data, st.n, st.benign_ratio, c.seed, st.benign_task)
+    extra: dict = {"benign_ratio": st.benign_ratio, "benign_task": st.benign_task}
     trainer_cls, kwargs, kwargs_fn = None, {}, None
     if st.method == "vaccine":
         from ftsafety.defenses.vaccine import VaccineTrainer
@@ -212,7 +223,8 @@ def finetune(st: FinetuneStage, parent: str, out: str | Path, c: Common, resume:
 
         ls = st.lisa
         lcfg = ls.config()
-        align_examples = D.alignment_examples(c.data, ls.align_n, ls.align_benign_ratio, c.seed) if ls.align_n else []
+        align_examples = D.alignment_examples(c.data, ls.align_n, ls.align_benign_ratio, c.seed,
+                                               ls.align_benign_task) if ls.align_n else []
 
         def lisa_kwargs(tokenizer, model):
             aset = D.SFTDataset(align_examples, tokenizer, c.data) if align_examples else None

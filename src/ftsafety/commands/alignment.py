@@ -13,6 +13,7 @@ import typer
 
 from ftsafety.commands.common import (
     BenignRatio,
+    BenignTask,
     Data,
     Device,
     LoraTargets,
@@ -42,7 +43,8 @@ def _train(method: str, o: dict, **defense) -> None:
     from ftsafety import stages
 
     tcfg, lora = _train_configs(o)
-    st = stages.AlignStage(method=method, n=o["n"], benign_ratio=o["benign_ratio"], train=tcfg, lora=lora, **defense)
+    st = stages.AlignStage(method=method, n=o["n"], benign_ratio=o["benign_ratio"], benign_task=o["benign_task"],
+                           train=tcfg, lora=lora, **defense)
     out = o["out"] or _default_out(f"align-{method}", o["resume"])
     _done(out, stages.align(st, o["model"], out, _common(o), resume=o["resume"]))
 
@@ -52,6 +54,7 @@ def align_vaccine(
     data: Data = "builtin",
     n: N = 300,
     benign_ratio: BenignRatio = 0.5,
+    benign_task: BenignTask = "none",
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 2.0,
@@ -94,6 +97,7 @@ def align_booster(
     data: Data = "builtin",
     n: N = 300,
     benign_ratio: BenignRatio = 0.5,
+    benign_task: BenignTask = "none",
     template: Template = "alpaca",
     max_length: MaxLen = 256,
     epochs: float = 2.0,

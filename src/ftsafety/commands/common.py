@@ -22,6 +22,9 @@ Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipp
 LoraTargets = Annotated[str, typer.Option(help="attn | qv | qkv | all | comma-separated module names.")]
 MaxSteps = Annotated[int, typer.Option(help="> 0 overrides --epochs.")]
 BenignRatio = Annotated[float, typer.Option(help="Share of benign instruction/answer pairs mixed in.")]
+BenignTask = Annotated[str, typer.Option(
+    help="none, or a task (sst2, ag_news, gsm8k) whose training rows (with an Input section) make half "
+         "of the benign share.")]
 
 _TRAIN_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_ratio", "weight_decay", "seed")
 

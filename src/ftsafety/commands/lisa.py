@@ -54,6 +54,8 @@ def finetune_lisa(
         help="Alignment examples, built as `align` builds them (0 = none: plain fine-tune).")] = 300,
     align_benign_ratio: Annotated[float, typer.Option(
         help="Share of benign pairs in the alignment examples (as `align --benign-ratio`).")] = 0.5,
+    align_benign_task: Annotated[str, typer.Option(
+        help="none, or the task whose rows make half of the benign pairs (as `align --benign-task`).")] = "none",
 ):
     """The user's fine-tune under Lisa: alternate alignment and fine-tuning states, pulled together by a
     proximal term. The step budget is set by the user data (--epochs / --max-steps): alignment steps
@@ -64,7 +66,7 @@ def finetune_lisa(
     _setup(verbose, quiet)
     tcfg, lora = _train_configs(opts)
     lisa = stages.LisaStage(alignment_steps=alignment_steps, finetune_steps=finetune_steps, rho=rho, align_n=align_n,
-                            align_benign_ratio=align_benign_ratio)
+                            align_benign_ratio=align_benign_ratio, align_benign_task=align_benign_task)
     st = stages.FinetuneStage(method="lisa", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora,
                               lisa=lisa)
     out = out or _default_out("finetune-lisa", resume)
