@@ -62,6 +62,23 @@ def test_alignment_disjoint_from_attack(tiny_data_dir):
     assert all(e["output"] != "" for e in align)
 
 
+def test_alignment_benign_task(tiny_data_dir):
+    """--benign-task: half the benign share are task rows with an Input section, from the split's end,
+    so none is a row the fine-tune mix (which reads from the start) trains on; "none" changes nothing."""
+    cfg = D.DataConfig(data=str(tiny_data_dir))
+    plain = D.alignment_examples(cfg, 40, 0.5, 7)
+    assert plain == D.alignment_examples(cfg, 40, 0.5, 7, "none")
+    mixed = D.alignment_examples(cfg, 40, 0.5, 7, "sst2")
+    kinds = [e["kind"] for e in mixed]
+    assert (kinds.count("refusal"), kinds.count("benign"), kinds.count("benign-task")) == (20, 10, 10)
+    task = [e for e in mixed if e["kind"] == "benign-task"]
+    assert all(e["input"] and e["instruction"] == D.SST2_INSTRUCTION for e in task)
+    first = {e["input"] for e in D.finetune_mix(cfg, "sst2", 100, 0.0)}
+    assert not first & {e["input"] for e in task}
+    with pytest.raises(FtsafetyError, match="unknown benign task 'poetry'"):
+        D.alignment_examples(cfg, 40, 0.5, 7, "poetry")
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_bad_ratio(p):
     with pytest.raises(FtsafetyError, match=r"harmful ratio p must be in \[0, 1\]"):
