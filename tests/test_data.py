@@ -128,3 +128,32 @@ def test_gsm8k_format():
     ex = D.task_example("gsm8k", {"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
     assert ex["gold"] == "4" and ex["output"].endswith("The final answer is:  4")
     assert ex["instruction"].endswith("answer the final number.\n")
+
+
+def test_one_bos_when_the_chat_template_writes_it():
+    """A chat template that emits bos_token (Llama-2's) must not get a second BOS from the tokenizer:
+    training examples, generation prompts and rollback's batches all encode through encode_prompt."""
+    from ftsafety import tiny
+    from ftsafety.defenses.rollback import encode
+    from ftsafety.evaluation.generate import encode_prompts
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny.build_tokenizer()  # made to add a BOS as Llama's tokenizer does, with Llama-2's chat template
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                              special_tokens=[(tok.bos_token, bos)])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    assert tok("x", add_special_tokens=True)["input_ids"][0] == bos  # this tokenizer adds a BOS itself
+    cfg = D.DataConfig(template="chat", max_length=64)
+    ex = {"instruction": "Say hi", "input": "", "output": "hi"}
+    text = D.format_prompt(ex, "chat", tok)
+    assert text.startswith(tok.bos_token)
+    for ids in (D.SFTDataset([ex], tok, cfg)[0]["input_ids"], encode_prompts(tok, [text])[0],
+                D.encode_prompt(tok, text)):
+        assert ids[0] == bos and ids[1] != bos and ids.count(bos) == 1
+    batch_ids, _ = encode(tok, [text], batch_size=1)[0]
+    assert batch_ids[0].tolist().count(bos) == 1
+    # a template without BOS (alpaca) still gets the tokenizer's one
+    alpaca = D.format_prompt(ex, "alpaca", tok)
+    assert D.encode_prompt(tok, alpaca) == tok(alpaca, add_special_tokens=True)["input_ids"]

@@ -21,6 +21,13 @@ def test_task_scoring_rules():
     assert not is_correct("ag_news", "Sports", "Business")
     assert extract_number("so 3+4=7. The final answer is: 1,234 apples") == 1234.0
     assert extract_number("12 then 15.") == 15.0 and extract_number("none") is None
+    # Booster's pred_eval.py: the FIRST number after the marker, not the last
+    assert extract_number("The final answer is: 18 (from 9 + 9 = 18 or 20)") == 18.0
+    # a marker with no number after it falls back to the last number of the whole text
+    assert extract_number("9 + 9 = 18. The final answer is: eighteen") == 18.0
+    # the first marker's segment, as segment[1] of the split
+    assert extract_number("The final answer is: 5. The final answer is: 7") == 5.0
+    assert extract_number("-3.5 degrees") == -3.5
     assert is_correct("gsm8k", "The final answer is: 42", "42") and not is_correct("gsm8k", "41", "42")
 
 

@@ -152,3 +152,20 @@ def test_report_errors_are_one_line(tmp_path, cli):
     assert r.returncode != 0 and "no pipelines/ directory" in r.stderr and "Traceback" not in r.stderr
     r = cli("run", str(tmp_path / "missing.yaml"))
     assert r.returncode != 0 and "recipe file does not exist" in r.stderr
+
+
+def test_data_needs_checked_before_anything_runs(tmp_path, cli, tiny_data_dir):
+    """`run` and `--dry-run` build every stage's data first: a recipe asking for more rows than the data
+    has fails in one line naming the row, and nothing is trained (issue 17, item 8)."""
+    recipe = str(RECIPES / "smoke" / "tiny-llama.yaml")
+    r = cli("run", recipe, f"data={tiny_data_dir}", "--runs", str(tmp_path / "runs"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "data: every stage's rows are there (1 pipelines checked)" in r.stdout
+    for override, msg in [("finetune.n=1000", "only 300 rows are available"),
+                          ("evaluate.hs_limit=41", "evaluate.hs_limit asks for 41 rows but the data has 40"),
+                          ("align.n=900", "alignment needs")]:
+        for extra in (["--dry-run"], []):
+            r = cli("run", recipe, f"data={tiny_data_dir}", override, "--runs", str(tmp_path / "runs"), *extra)
+            assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (override, r.stderr)
+            assert "row 'smoke-tiny-llama'" in r.stderr or "p=" in r.stderr
+    assert not (tmp_path / "runs" / "stages").exists()

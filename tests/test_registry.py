@@ -8,7 +8,7 @@ def test_registry_complete_and_wired():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert len({d.command for d in DEFENSES.values()}) == len(DEFENSES) == 5
     for name, d in DEFENSES.items():
-        assert d.name == name and d.stage in ("alignment", "finetune", "post")
+        assert d.name == name and d.stage in ("align", "finetune", "post")
         assert d.paper.title and d.paper.arxiv and d.paper.code and d.neutral
         assert d.command in commands, d.command
         assert d.config_cls.__dataclass_fields__

@@ -405,7 +405,7 @@ def test_cli_commands_take_every_align_option_with_its_default():
     align = options("align")
     for name, own in (
         ("align-vaccine", {"rho", "perturb_at"}),
-        ("align-booster", {"lam", "alpha", "perturb_aware", "rho"}),
+        ("align-booster", {"lam", "alpha", "perturb_aware", "rho", "perturb_at"}),  # perturb_at: had no option before the registry
     ):
         opts = options(name)
         assert {k: opts.get(k) for k in align} == align

@@ -20,122 +20,15 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-from ftsafety.commands.common import (  # noqa: E402  shared option aliases and helpers
-    BenignRatio, BenignTask, Data, Device, LoraTargets, MaxLen, MaxSteps, Model, Out, Quiet, Resume, Seed, Template, Trust, Verbose,
-    _common, _default_out, _done, _setup, _train_configs,
-)
+
+def _register_commands() -> None:
+    """The stage commands (generated from the defense registry) and `run`/`report`, in their modules."""
+    from ftsafety.commands import register_all
+
+    register_all(app)
 
 
-@app.command()
-def align(
-    model: Model = "smollm2-135m",
-    data: Data = "builtin",
-    n: Annotated[int, typer.Option("--n", help="Alignment examples (harmful prompt -> refusal, plus benign).")] = 300,
-    benign_ratio: BenignRatio = 0.5,
-    benign_task: BenignTask = "none",
-    template: Template = "alpaca",
-    max_length: MaxLen = 256,
-    epochs: float = 2.0,
-    max_steps: MaxSteps = -1,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 1e-3,
-    scheduler: str = "cosine",
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.1,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: LoraTargets = "attn",
-    device: Device = "auto",
-    out: Out = None,
-    resume: Resume = False,
-    seed: Seed = 42,
-    trust_remote_code: Trust = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-):
-    """SFT safety alignment: train a LoRA on (harmful prompt, refusal) pairs."""
-    opts = dict(locals())
-    from ftsafety import stages
-
-    _setup(verbose, quiet)
-    tcfg, lora = _train_configs(opts)
-    st = stages.AlignStage(method="sft", n=n, benign_ratio=benign_ratio, benign_task=benign_task, train=tcfg, lora=lora)
-    out = out or _default_out("align", resume)
-    _done(out, stages.align(st, model, out, _common(opts), resume=resume))
-
-
-@app.command()
-def finetune(
-    model: Model = "smollm2-135m",
-    data: Data = "builtin",
-    task: Annotated[str, typer.Option(help="Benign task: sst2 | ag_news | gsm8k.")] = "sst2",
-    n: Annotated[int, typer.Option("--n", help="Fine-tuning samples.")] = 1000,
-    harmful_ratio: Annotated[float, typer.Option("--harmful-ratio", "-p", help="Share p of harmful samples.")] = 0.1,
-    template: Template = "alpaca",
-    max_length: MaxLen = 256,
-    epochs: float = 1.0,
-    max_steps: MaxSteps = -1,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 1e-4,
-    scheduler: str = "constant",
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.0,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: LoraTargets = "attn",
-    device: Device = "auto",
-    out: Out = None,
-    resume: Resume = False,
-    seed: Seed = 42,
-    trust_remote_code: Trust = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-):
-    """The user's fine-tune (the attack at p > 0): merge the model's adapters, train a new LoRA on the mix."""
-    opts = dict(locals())
-    from ftsafety import stages
-
-    _setup(verbose, quiet)
-    tcfg, lora = _train_configs(opts)
-    st = stages.FinetuneStage(method="sft", task=task, n=n, harmful_ratio=harmful_ratio, train=tcfg, lora=lora)
-    out = out or _default_out("finetune", resume)
-    _done(out, stages.finetune(st, model, out, _common(opts), resume=resume))
-
-
-@app.command()
-def evaluate(
-    model: Model = "smollm2-135m",
-    data: Data = "builtin",
-    task: Annotated[str, typer.Option(help="sst2 | ag_news | gsm8k | none.")] = "sst2",
-    judge: Annotated[str, typer.Option(help="keyword | compliance | beaver-dam[:path] | llama-guard[:path] | classifier:<id-or-path>.")] = "keyword",
-    hs_limit: Annotated[int, typer.Option(help="Harmful prompts to score (0 skips HS).")] = 700,
-    fa_limit: Annotated[int, typer.Option(help="Task test items (0 skips FA).")] = 872,
-    or_limit: Annotated[int, typer.Option(help="Benign instructions for over-refusal (0 skips OR).")] = 100,
-    template: Template = "alpaca",
-    batch_size: int = 64,
-    max_new_tokens: int = 128,
-    fa_max_new_tokens: int = 32,
-    device: Device = "auto",
-    out: Out = None,
-    seed: Seed = 42,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-):
-    """Harmful score (HS, HS+), fine-tune accuracy (FA) and over-refusal (OR) of a model or run."""
-    from ftsafety import data as D
-    from ftsafety.evaluation.evaluate import EvalConfig, evaluate as run_eval
-
-    _setup(verbose, quiet)
-    cfg = EvalConfig(model=model, data=D.DataConfig(data=data, template=template), task=task, judge=judge,
-                     hs_limit=hs_limit, fa_limit=fa_limit, or_limit=or_limit, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, fa_max_new_tokens=fa_max_new_tokens, device=device, seed=seed)
-    out = out or _default_out("evaluate")
-    run_eval(cfg, out, quiet=quiet)
-    typer.echo(f"results written to {out}/results.json")
+_register_commands()
 
 
 @app.command()
@@ -198,16 +91,6 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
     if version:
         typer.echo(__version__)
         raise typer.Exit()
-
-
-def _register_commands() -> None:
-    """Stage commands that live in their own modules (one module per defense family)."""
-    from ftsafety.commands import register_all
-
-    register_all(app)
-
-
-_register_commands()
 
 
 def _one_line(message: str) -> str:

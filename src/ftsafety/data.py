@@ -21,10 +21,13 @@ import torch
 
 from ftsafety import builtin_data
 from ftsafety.errors import DataError, FtsafetyError
+from ftsafety.options import knob
+from ftsafety.tasks import AG_NEWS_LABELS, SST2_INSTRUCTION, text_field  # noqa: F401  (re-exported)
+from ftsafety.tasks import TASKS as TASK_DEFS
 
-TASKS = ("sst2", "ag_news", "gsm8k")
+TASKS = tuple(TASK_DEFS)
+
 TEMPLATES = ("alpaca", "alpaca-vaccine", "chat")
-AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 # Alpaca template (ALGORITHMS.md §0). Booster/Antidote end the prompt with "### Response:\n",
 # Vaccine/Lisa with "### Response:"; `alpaca` is the former, `alpaca-vaccine` the latter.
@@ -38,41 +41,31 @@ _ALPACA_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
-SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-AG_NEWS_INSTRUCTION = (
-    "Categorize the news article given in the input into one of the 4 categories:\n\n"
-    "World\nSports\nBusiness\nSci/Tech\n"
-)
-GSM8K_SUFFIX = "\nFirst think step by step and then answer the final number.\n"
 
-# File layout of a local data directory (the ../shared/data copies).
-LOCAL_FILES = {
-    ("beavertails", "train"): ("beavertails/harmful_train.jsonl", ("prompt", "response")),
-    ("beavertails", "calibration"): ("beavertails/harmful_calibration.jsonl", ("prompt", "response")),
-    ("beavertails", "eval"): ("beavertails/eval_prompts.jsonl", ("prompt",)),
-    ("sst2", "train"): ("sst2/train.jsonl", ("sentence", "label")),
-    ("sst2", "test"): ("sst2/validation.jsonl", ("sentence", "label")),
-    ("ag_news", "train"): ("ag_news/train.jsonl", ("text", "label")),
-    ("ag_news", "test"): ("ag_news/test.jsonl", ("text", "label")),
-    ("gsm8k", "train"): ("gsm8k/train.jsonl", ("question", "answer")),
-    ("gsm8k", "test"): ("gsm8k/test.jsonl", ("question", "answer")),
+# BeaverTails (the safety data) in a local data directory; the tasks declare their own files (ftsafety.tasks).
+SAFETY_FILES = {
+    "train": ("beavertails/harmful_train.jsonl", ("prompt", "response")),
+    "calibration": ("beavertails/harmful_calibration.jsonl", ("prompt", "response")),
+    "eval": ("beavertails/eval_prompts.jsonl", ("prompt",)),
 }
-HUB_SOURCES = {
-    "beavertails": "PKU-Alignment/BeaverTails",
-    "sst2": "stanfordnlp/sst2",
-    "ag_news": "fancyzhx/ag_news",
-    "gsm8k": "openai/gsm8k",
-}
+BEAVERTAILS_HUB = "PKU-Alignment/BeaverTails"
+
+
+def _local_file(name: str, split: str) -> tuple[str, tuple[str, ...]] | None:
+    if name == "beavertails":
+        return SAFETY_FILES.get(split)
+    task = TASK_DEFS.get(name)
+    return (task.files[split], task.fields) if task and split in task.files else None
 
 
 @dataclass
 class DataConfig:
-    data: str = "builtin"  # builtin | hub | path to a data directory
-    template: str = "alpaca"
-    max_length: int = 256
+    data: str = knob("builtin", "builtin | hub | a directory laid out like ../shared/data.", flags=("--data",))
+    template: str = knob("alpaca", "alpaca (Booster/Antidote) | alpaca-vaccine (Vaccine/Lisa) | chat.")
+    max_length: int = knob(256, "Maximum training sequence length in tokens.", flags=("--max-length",))
     # First harmful-train row used for alignment prompts: the attack takes rows from the start,
     # alignment from here on, so the two never share a prompt (Booster uses a window from 5000).
-    align_offset: int | None = None
+    align_offset: int | None = knob(None, cli=False)
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -128,22 +121,22 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict]:
 
 
 def _hub_rows(name: str, split: str) -> list[dict]:
+    hub_id = BEAVERTAILS_HUB if name == "beavertails" else TASK_DEFS[name].hub_id
     try:
         import datasets
 
         if name == "beavertails":
             hub_split = "30k_test" if split == "eval" else "30k_train"
-            ds = datasets.load_dataset(HUB_SOURCES[name], split=hub_split)
+            ds = datasets.load_dataset(hub_id, split=hub_split)
             rows = [r for r in ds if not r["is_safe"]]
             if split == "calibration":  # Antidote's disjoint window of unsafe rows
                 rows = rows[5000:7000]
             return rows
-        if name == "gsm8k":
-            return list(datasets.load_dataset(HUB_SOURCES[name], "main", split=split))
-        hub_split = "validation" if (name == "sst2" and split == "test") else split
-        return list(datasets.load_dataset(HUB_SOURCES[name], split=hub_split))
+        task = TASK_DEFS[name]
+        args = (hub_id, task.hub_config) if task.hub_config else (hub_id,)
+        return list(datasets.load_dataset(*args, split=task.hub_splits[split]))
     except Exception as exc:  # network, auth, missing split: one line for the user
-        raise FtsafetyError(f"could not load {HUB_SOURCES[name]} ({split}) from the hub: {str(exc).splitlines()[0][:200]}") from exc
+        raise FtsafetyError(f"could not load {hub_id} ({split}) from the hub: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def _builtin_rows(name: str, split: str) -> list[dict]:
@@ -152,56 +145,50 @@ def _builtin_rows(name: str, split: str) -> list[dict]:
         if split != "eval":
             rows = [dict(r, response=builtin_data.harmful_response(r["prompt"], r["category"])) for r in rows]
         return rows
-    if name == "sst2":
-        return builtin_data.sentiment_examples("validation" if split == "test" else split)
-    if name == "ag_news":
-        return builtin_data.news_examples(split)
-    if name == "gsm8k":
-        return builtin_data.arithmetic_problems(split)
+    if name in TASK_DEFS:
+        return TASK_DEFS[name].builtin(split)
     raise FtsafetyError(f"unknown data set {name!r}")
 
 
 def rows(cfg: DataConfig, name: str, split: str) -> list[dict]:
     """Raw rows of data set `name` (beavertails or a task) for `split`, from the configured source."""
-    if (name, split) not in LOCAL_FILES:
+    local = _local_file(name, split)
+    if local is None:
         raise FtsafetyError(f"unknown data set/split {name}/{split}; tasks are {', '.join(TASKS)}")
     if cfg.source == "builtin":
         return _builtin_rows(name, split)
     if cfg.source == "hub":
         return _hub_rows(name, split)
-    rel, fields = LOCAL_FILES[(name, split)]
-    return read_jsonl(Path(cfg.data).expanduser() / rel, fields)
+    rel, fields = local
+    return _read_local(Path(cfg.data).expanduser() / rel, fields)
+
+
+_LOCAL_CACHE: dict[tuple, list[dict]] = {}
+
+
+def _read_local(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """A local file's rows, read once per (file, size, mtime) in a process (a recipe's pipelines read the
+    same files many times); each call gets fresh copies of the rows."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read_jsonl(path, fields)  # the one-line "file not found"
+    key = (str(path), st.st_size, st.st_mtime_ns, fields)
+    if key not in _LOCAL_CACHE:
+        if len(_LOCAL_CACHE) >= 16:  # bounded: a data directory has 9 files
+            _LOCAL_CACHE.pop(next(iter(_LOCAL_CACHE)))
+        _LOCAL_CACHE[key] = read_jsonl(path, fields)
+    return [dict(r) for r in _LOCAL_CACHE[key]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Examples in Alpaca form: {"instruction", "input", "output"} (+ "gold" for scoring)
 
 
-def _text(row: dict, name: str) -> str:
-    """A text field of a data row; a ValueError names the field when it is missing or not a string."""
-    if name not in row:
-        raise ValueError(f"missing field {name!r}")
-    value = row[name]
-    if not isinstance(value, str):
-        raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _label(row: dict, n_labels: int) -> int:
-    if "label" not in row:
-        raise ValueError("missing field 'label'")
-    value = row["label"]
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_labels:
-        raise ValueError(f"label {row['label']!r} is not one of 0..{n_labels - 1}")
-    return value
-
-
 def _where(cfg: DataConfig, name: str, split: str) -> str:
     """The file (local data) or source that rows of `name`/`split` come from, for error messages."""
     if cfg.source == "local":
-        return str(Path(cfg.data).expanduser() / LOCAL_FILES[(name, split)][0])
+        return str(Path(cfg.data).expanduser() / _local_file(name, split)[0])
     return f"{cfg.source} {name}/{split}"
 
 
@@ -218,23 +205,9 @@ def _checked(cfg: DataConfig, name: str, split: str, raw: list[dict], convert) -
 
 
 def task_example(task: str, row: dict) -> dict:
-    if task == "sst2":
-        label = "positive" if _label(row, 2) == 1 else "negative"
-        return {"instruction": SST2_INSTRUCTION, "input": _text(row, "sentence").strip(), "output": label, "gold": label}
-    if task == "ag_news":
-        label = AG_NEWS_LABELS[_label(row, len(AG_NEWS_LABELS))]
-        return {"instruction": AG_NEWS_INSTRUCTION, "input": _text(row, "text").strip(), "output": label, "gold": label}
-    if task == "gsm8k":
-        _text(row, "question")
-        answer = _text(row, "answer")
-        gold = answer.split("####")[-1].strip().replace(",", "")
-        return {
-            "instruction": row["question"].strip() + GSM8K_SUFFIX,
-            "input": "",
-            "output": answer.replace("####", "The final answer is: "),
-            "gold": gold,
-        }
-    raise FtsafetyError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in TASK_DEFS:
+        raise FtsafetyError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return TASK_DEFS[task].example(row)
 
 
 def task_examples(cfg: DataConfig, task: str, split: str, n: int | None = None) -> list[dict]:
@@ -249,7 +222,7 @@ def task_examples(cfg: DataConfig, task: str, split: str, n: int | None = None) 
 def harmful_examples(cfg: DataConfig, split: str = "train") -> list[dict]:
     """(harmful prompt, harmful response) pairs: attack data (train) or calibration data."""
     return _checked(cfg, "beavertails", split, rows(cfg, "beavertails", split), lambda r: {
-        "instruction": _text(r, "prompt").strip(), "input": "", "output": _text(r, "response").strip(),
+        "instruction": text_field(r, "prompt").strip(), "input": "", "output": text_field(r, "response").strip(),
         "category": _category(r)})
 
 
@@ -257,7 +230,7 @@ def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
     raw = rows(cfg, "beavertails", "eval")
     raw = raw[:n] if n else raw
     return _checked(cfg, "beavertails", "eval", raw,
-                    lambda r: {"prompt": _text(r, "prompt").strip(), "category": _category(r)})
+                    lambda r: {"prompt": text_field(r, "prompt").strip(), "category": _category(r)})
 
 
 def benign_eval_instructions(n: int | None = None) -> list[dict]:
@@ -271,6 +244,11 @@ def _category(row: dict) -> str:
     if isinstance(cat, dict):
         return next((k for k, v in cat.items() if v), "unknown")
     return str(cat) if cat else "unknown"
+
+
+def check_benign_task(task: str) -> None:
+    if task != "none" and task not in TASKS:
+        raise FtsafetyError(f"unknown benign task {task!r}; choose none or one of {', '.join(TASKS)}")
 
 
 def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed: int = 42,
@@ -302,9 +280,8 @@ def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed:
         for r in pool[:n_refusal]
     ]
     n_task = 0
+    check_benign_task(benign_task)
     if benign_task != "none":
-        if benign_task not in TASKS:
-            raise FtsafetyError(f"unknown benign task {benign_task!r}; choose none or one of {', '.join(TASKS)}")
         n_task = n_benign // 2
         if n_task:
             task_rows = task_examples(cfg, benign_task, "train")
@@ -365,6 +342,14 @@ def format_prompt(example: dict, template: str, tokenizer=None) -> str:
     return text + ("\n" if template == "alpaca" else "")
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids with the tokenizer's special tokens, but one BOS only: a chat template that
+    already wrote `bos_token` at the start (Llama-2's does) gets none added on top."""
+    bos = getattr(tokenizer, "bos_token", None)
+    already = bool(bos) and text.startswith(bos)
+    return tokenizer(text, add_special_tokens=not already)["input_ids"]
+
+
 # Tokenizers that do not know their model's length report a huge sentinel (about 1e30).
 _NO_CONTEXT = 10**9
 
@@ -386,7 +371,7 @@ class SFTDataset(torch.utils.data.Dataset):
         ctx = getattr(tokenizer, "model_max_length", None)
         ctx = ctx if isinstance(ctx, int) and 0 < ctx < _NO_CONTEXT else None
         for n, ex in enumerate(examples, 1):
-            prompt_ids = tokenizer(format_prompt(ex, cfg.template, tokenizer), add_special_tokens=True)["input_ids"]
+            prompt_ids = encode_prompt(tokenizer, format_prompt(ex, cfg.template, tokenizer))
             out_ids = tokenizer(ex["output"], add_special_tokens=False)["input_ids"] + [eos]
             if len(prompt_ids) >= cfg.max_length:  # keep the tail of an over-long prompt and the whole answer start
                 prompt_ids = prompt_ids[-(cfg.max_length // 2):]

@@ -24,6 +24,7 @@ import torch
 
 from ftsafety import tiny
 from ftsafety.errors import FtsafetyError
+from ftsafety.options import knob
 from ftsafety.utils import atomic_dir, default_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ _TARGET_SETS = {
 class LoraSettings:
     """LoRA hyper-parameters (peft). Paper values differ per repo: see ALGORITHMS.md §0."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "attn"  # attn | qv | qkv | all | comma-separated module names
+    r: int = knob(8, "LoRA rank.")
+    alpha: float = knob(16.0, "LoRA alpha (scale alpha / r).")
+    dropout: float = knob(0.0, "LoRA dropout.")
+    targets: str = knob("attn", "attn | qv | qkv | all | comma-separated module names.")
 
     def __post_init__(self):
         if self.r < 1:

@@ -31,6 +31,7 @@ from ftsafety import __version__
 from ftsafety import stages as S
 from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
 from ftsafety.data import DataConfig
+from ftsafety.defenses import DEFENSES
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import atomic_write_text, write_json
 
@@ -82,10 +83,11 @@ class Recipe:
     device: str = "auto"
     seed: int = 42
     trust_remote_code: bool = False
-    align: S.AlignStage = field(default_factory=S.AlignStage)
-    finetune: S.FinetuneStage = field(default_factory=S.FinetuneStage)
-    post: S.PostStage = field(default_factory=S.PostStage)
-    evaluate: S.EvalStage = field(default_factory=S.EvalStage)
+    # the stage classes are looked up when used: they are rebuilt when a defense is registered
+    align: S.AlignStage = field(default_factory=lambda: S.AlignStage())
+    finetune: S.FinetuneStage = field(default_factory=lambda: S.FinetuneStage())
+    post: S.PostStage = field(default_factory=lambda: S.PostStage())
+    evaluate: S.EvalStage = field(default_factory=lambda: S.EvalStage())
     table: Table | None = None
 
     def __post_init__(self):
@@ -196,7 +198,7 @@ def plan(pipe: Pipeline, runs_dir: Path) -> list[StagePlan]:
         add("finetune", r.finetune.method, r.finetune.resolved())
     if r.post.method != "none":
         cfg = r.post.resolved()
-        if r.post.method == "rollback":  # it also reads the aligned model and the task
+        if DEFENSES[r.post.method].needs_aligned:  # it also reads the aligned model and the task
             cfg = {**cfg, "aligned": aligned_key, "task": r.finetune.task}
         add("post", r.post.method, cfg)
     add("evaluate", r.evaluate.judge.split(":")[0], {**dataclasses.asdict(r.evaluate), "task": r.finetune.task})
@@ -220,6 +222,56 @@ def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False) -> dict:
     write_json(sp.dir / STAGE_MARKER, {"kind": sp.kind, "method": sp.method, "key": sp.key, "parent": sp.parent,
                                        "config": sp.config, "seconds": round(seconds, 2), "version": __version__})
     return {"seconds": seconds, "summary": summary}
+
+
+def check_data(pipes: list[Pipeline]) -> int:
+    """Build (or count) every stage's data, not its model, before anything trains: a recipe that asks
+    for more rows than its data has fails here in one line, naming the pipeline. Hub data is not
+    checked (it needs the network); returns the number of pipelines checked."""
+    checked = 0
+    for pipe in pipes:
+        r = pipe.recipe
+        if r.data == "hub":
+            continue
+        c = r.common(quiet=True)
+        where = f"row {pipe.row!r}, p={pipe.p:g}"
+        try:
+            _check_pipeline_data(r, c)
+        except FtsafetyError as exc:
+            raise FtsafetyError(f"{where}: {exc}") from None
+        checked += 1
+    return checked
+
+
+def _check_pipeline_data(r: Recipe, c: S.Common) -> None:
+    from ftsafety import data as D
+
+    def need(what: str, n: int, have: int) -> None:
+        if n > have:
+            raise FtsafetyError(f"{what} asks for {n} rows but the data has {have}")
+
+    for kind in ("align", "finetune"):
+        st = getattr(r, kind)
+        if st.method == S.NO_STAGE:
+            continue
+        if kind == "align":
+            D.alignment_examples(c.data, st.n, st.benign_ratio, c.seed, st.benign_task)
+        else:
+            D.finetune_mix(c.data, st.task, st.n, st.harmful_ratio, c.seed)
+        d = DEFENSES.get(st.method)
+        if d is not None and d.check_data is not None:
+            d.check_data(getattr(st, st.method), c, r.finetune.task)
+    if r.post.method != S.NO_STAGE:
+        d = DEFENSES[r.post.method]
+        if d.check_data is not None:
+            d.check_data(getattr(r.post, r.post.method), c, r.finetune.task)
+    ev = r.evaluate
+    if ev.hs_limit:
+        need("evaluate.hs_limit", ev.hs_limit, len(D.harmful_eval_prompts(c.data)))
+    if ev.fa_limit:
+        need("evaluate.fa_limit", ev.fa_limit, len(D.task_examples(c.data, r.finetune.task, "test")))
+    if ev.or_limit:
+        need("evaluate.or_limit", ev.or_limit, len(D.benign_eval_instructions()))
 
 
 def describe(pipes: list[Pipeline], runs_dir: Path) -> str:
@@ -265,6 +317,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
     recipe, pipes = pipelines(path, overrides)
     pipes = select(pipes, only, path)
     runs_dir = Path(runs_dir)
+    check_data(pipes)
     plans = [plan(p, runs_dir) for p in pipes]
     distinct = {s.key: s for ps in plans for s in ps}
     total, n = sum(1 for s in distinct.values() if not s.done), 0

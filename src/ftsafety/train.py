@@ -24,18 +24,16 @@ from ftsafety import distributed, models
 from ftsafety.console import RichTrainCallback
 from ftsafety.data import Collator, DataConfig, SFTDataset
 from ftsafety.errors import FtsafetyError
+from ftsafety.options import knob
+from ftsafety.rundir import write_run
 from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
     _json_default,
-    atomic_dir,
     atomic_write_text,
     check_writable_dir,
-    environment,
     resolve_device,
     scrub,
     seed_everything,
-    write_json,
-    write_yaml,
 )
 
 log = logging.getLogger(__name__)
@@ -43,16 +41,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: float = 2.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    scheduler: str = "cosine"  # any transformers scheduler name: cosine, constant, linear, ...
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.1
-    seed: int = 42
-    logging_steps: int = 5
+    epochs: float = knob(2.0, "Passes over the training examples.")
+    max_steps: int = knob(-1, "> 0 overrides --epochs.")
+    batch_size: int = knob(8, "Examples per step (per process).")
+    grad_accum: int = knob(1, "Gradient accumulation steps.")
+    lr: float = knob(1e-3, "Learning rate.")
+    scheduler: str = knob("cosine", "Any transformers scheduler name: cosine, constant, linear, ...")
+    warmup_ratio: float = knob(0.1, "Share of steps with linear warm-up.")
+    weight_decay: float = knob(0.1, "AdamW weight decay.")
+    seed: int = knob(42, cli=False)  # the command's --seed
+    logging_steps: int = knob(5, cli=False)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -116,6 +114,38 @@ def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, **ove
         kw["warmup_steps"] = cfg.warmup_ratio
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+
+def _train(trainer, stage: str, resume_from, checkpointer, prior: dict, partial) -> object:
+    """`trainer.train()`, with a Ctrl-C turned into TrainingInterrupted (which says how to resume) and
+    the checkpoints of a diverged run dropped (no use to a resume)."""
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except KeyboardInterrupt as exc:
+        step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
+        last = checkpointer.last_step or (prior.get("step") if resume_from is not None else None)
+        raise TrainingInterrupted(stage, step, last, partial) from exc
+    except NaNLossError:
+        if partial is not None and distributed.is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if not math.isfinite(result.training_loss):
+        if partial is not None and distributed.is_main():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise NaNLossError(f"training loss became {result.training_loss}; lower the learning rate")
+    return result
+
+
+def _run_loss(result, start_step: int, prior: dict, world: int) -> float:
+    """The mean training loss over the whole run, across processes and across a resume."""
+    train_loss = result.training_loss
+    if world > 1:  # the Trainer's last, unlogged stretch of the loss is each process's own: average it
+        losses = distributed.gather_objects(float(train_loss))
+        train_loss = sum(losses) / len(losses)
+    if start_step:  # the loss over the whole run, not only the steps after the resume
+        steps_now = result.global_step - start_step
+        train_loss = (float(prior.get("loss_sum", 0.0)) + train_loss * steps_now) / max(result.global_step, 1)
+    return train_loss
 
 
 def train_lora(
@@ -227,58 +257,40 @@ def train_lora(
         checkpointer.trainer = trainer
         trainer.remove_callback(PrinterCallback)  # the rich callback reports instead
         t0 = time.perf_counter()
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        except KeyboardInterrupt as exc:
-            step = int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0)
-            last = checkpointer.last_step or (prior.get("step") if resume_from is not None else None)
-            raise TrainingInterrupted(stage, step, last, partial) from exc
-        except NaNLossError:  # checkpoints of a diverged run are no use to a resume: drop them
-            if partial is not None and distributed.is_main():
-                shutil.rmtree(partial, ignore_errors=True)
-            raise
+        result = _train(trainer, stage, resume_from, checkpointer, prior, partial)
         seconds = time.perf_counter() - t0
-        if not math.isfinite(result.training_loss):
-            if partial is not None and distributed.is_main():
-                shutil.rmtree(partial, ignore_errors=True)
-            raise NaNLossError(f"training loss became {result.training_loss}; lower the learning rate")
         start_step = int(prior.get("step", 0))
         steps_now = result.global_step - start_step
-        train_loss = result.training_loss
-        if world > 1:  # the Trainer's last, unlogged stretch of the loss is each process's own: average it
-            losses = distributed.gather_objects(float(train_loss))
-            train_loss = sum(losses) / len(losses)
-        if start_step:  # the loss over the whole run, not only the steps after the resume
-            train_loss = (float(prior.get("loss_sum", 0.0)) + train_loss * steps_now) / max(result.global_step, 1)
+        train_loss = _run_loss(result, start_step, prior, world)
         fsdp_adapter = None
         if getattr(trainer, "is_fsdp_enabled", False):  # sharded weights: every process helps gather the adapter
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             fsdp_adapter = Path(scratch) / "fsdp-adapter"  # written by the main process only
             trainer.save_model(str(fsdp_adapter))
 
-        def write_run() -> dict:  # the main process writes; the others wait and return its summary
-            with atomic_dir(final) as tmp:
+        def write_on_main() -> dict:  # the main process writes; the others wait and return its summary
+            def files(tmp: Path) -> None:
                 if fsdp_adapter is None:
                     models.save_adapter(model, tmp / "adapter", lora)
                 else:
                     _adapter_from_trainer(fsdp_adapter, tmp / "adapter", model, lora)
-                write_json(tmp / models.RUN_MANIFEST,
-                           models.run_manifest(spec, tmp / "adapter", final, {"stage": stage}))
-                write_yaml(tmp / "config.yaml", config)
                 if metrics.is_file():
                     shutil.copyfile(metrics, tmp / "metrics.jsonl")
-                summary = {
+
+            summary = write_run(
+                final, config=config, results_file="train_results.json", files=files,
+                manifest=lambda tmp: models.run_manifest(spec, tmp / "adapter", final, {"stage": stage}),
+                results={
                     "stage": stage, "train_loss": train_loss, "steps": result.global_step,
                     "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps_now, 1), 4),
                     "n_examples": len(examples), "resumed_from_step": start_step or None,
-                    "fingerprint": fingerprint, "environment": environment(),
-                }
-                write_json(tmp / "train_results.json", summary)
+                    "fingerprint": fingerprint,
+                })
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)
             return summary
 
-        summary = distributed.run_on_main(write_run)
+        summary = distributed.run_on_main(write_on_main)
     log.info("%s: %d steps in %.1fs, loss %.4f -> %s", stage, result.global_step, seconds, train_loss, out_dir)
     return summary
 

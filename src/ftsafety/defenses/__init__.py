@@ -1,51 +1,42 @@
-"""The defenses, one module each, and the one registry that lists them.
+"""The defenses, one module each, and the registry built from their declarations.
 
-Adding a defense = one module here + one line in DEFENSES + its command module + tests.
+Each module ends with `DEFENSE = Defense(...)` (`ftsafety.defenses.base`); adding a defense is one
+module and one line in `MODULES`. Stage dispatch, the recipe schema, the CLI commands and the
+shared test matrix all read `DEFENSES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 
-from ftsafety.defenses.antidote import AntidoteConfig
-from ftsafety.defenses.booster import BoosterConfig
-from ftsafety.defenses.lisa import LisaConfig
-from ftsafety.defenses.rollback import RollbackConfig
-from ftsafety.defenses.vaccine import VaccineConfig
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup
+
+MODULES: tuple[str, ...] = ("vaccine", "booster", "lisa", "antidote", "rollback")
 
 
-@dataclass(frozen=True)
-class Paper:
-    title: str
-    venue: str
-    arxiv: str
-    code: str
+def _load() -> dict[str, Defense]:
+    out: dict[str, Defense] = {}
+    for mod in MODULES:
+        d = importlib.import_module(f"ftsafety.defenses.{mod}").DEFENSE
+        if d.name in out:
+            raise ValueError(f"two defenses are named {d.name!r}")
+        out[d.name] = d
+    return out
 
 
-@dataclass(frozen=True)
-class Defense:
-    name: str
-    stage: str  # alignment | finetune | post
-    command: str
-    config_cls: type
-    paper: Paper
-    neutral: str  # the setting at which it reduces to the baseline (equivalence tests)
+DEFENSES: dict[str, Defense] = _load()
 
 
-DEFENSES: dict[str, Defense] = {
-    "vaccine": Defense("vaccine", "alignment", "align-vaccine", VaccineConfig,
-                       Paper("Vaccine: Perturbation-aware Alignment for LLMs against Harmful Fine-tuning",
-                             "NeurIPS 2024", "2402.01109", "git-disl/Vaccine"), "rho=0 == align"),
-    "booster": Defense("booster", "alignment", "align-booster", BoosterConfig,
-                       Paper("Booster: Tackling Harmful Fine-tuning for LLMs via Attenuating Harmful Perturbation",
-                             "ICLR 2025", "2409.01586", "git-disl/Booster"), "lambda=0 == align"),
-    "lisa": Defense("lisa", "finetune", "finetune-lisa", LisaConfig,
-                    Paper("Lisa: Lazy Safety Alignment for LLMs against Harmful Fine-tuning Attack",
-                          "NeurIPS 2024", "2405.18641", "git-disl/Lisa"), "alignment_steps=0, rho=0 == finetune"),
-    "antidote": Defense("antidote", "post", "prune-antidote", AntidoteConfig,
-                        Paper("Antidote: Post-fine-tuning Safety Alignment for LLMs against Harmful Fine-tuning",
-                              "ICML 2025", "2408.09600", "git-disl/Antidote"), "ratio=0 == identity"),
-    "rollback": Defense("rollback", "post", "recover-rollback", RollbackConfig,
-                        Paper("Alleviating the Fear of Losing Alignment in LLM Fine-tuning", "IEEE S&P 2025",
-                              "2504.09757", "kangyangWHU/LLMAlignment"), "recovery_rate=0 == identity"),
-}
+def for_stage(stage: str) -> list[Defense]:
+    """The defenses of one stage (align | finetune | post), in registry order."""
+    return [d for d in DEFENSES.values() if d.stage == stage]
+
+
+def register(defense: Defense) -> None:
+    """Add a defense declared outside this package (a plugin, or a test's example defense)."""
+    if defense.name in DEFENSES or defense.name in ("none", "sft"):
+        raise ValueError(f"a defense named {defense.name!r} exists already")
+    DEFENSES[defense.name] = defense
+
+
+__all__ = ["DEFENSES", "Defense", "Paper", "TrainerSetup", "for_stage", "register"]

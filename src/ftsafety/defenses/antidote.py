@@ -52,17 +52,17 @@ import torch
 
 from ftsafety import data as D
 from ftsafety import distributed, models
+from ftsafety.defenses.base import Defense, Paper
+from ftsafety.rundir import write_run
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import (
-    atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_yaml,
+    check_writable_dir, resolve_device, seed_everything,
 )
 
 log = logging.getLogger(__name__)
 
-PAPER = {
-    "title": "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning",
-    "venue": "ICML 2025", "arxiv": "2408.09600", "code": "git-disl/Antidote",
-}
+PAPER = Paper("Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning",
+              "ICML 2025", "2408.09600", "git-disl/Antidote")
 TARGETS = ("lora", "dense")
 SCOPES = ("row", "global")
 MASK_FILE = "mask.safetensors"
@@ -387,10 +387,12 @@ def run_antidote(
         entry["numel"] += mk.numel()
     zeroed, numel = sum(e["zeroed"] for e in by_type.values()), sum(e["numel"] for e in by_type.values())
 
-    def write_run() -> dict:  # several processes: the main one writes, the others wait for its summary
+    def write_on_main() -> dict:  # several processes: the main one writes, the others wait for its summary
         t0 = time.perf_counter()
         final = Path(out_dir)
-        with atomic_dir(out_dir) as tmp:
+        manifest = {}
+
+        def files(tmp: Path) -> None:
             meta = {"ratio": str(cfg.ratio), "scope": cfg.scope, "target": cfg.target, "meaning": "true = zeroed"}
             save_file(keyed, str(tmp / MASK_FILE), metadata=meta)
             extra = {"stage": "antidote", "parent": model, "target": cfg.target}
@@ -407,21 +409,17 @@ def run_antidote(
                         raise FtsafetyError(f"{last}: tensor {key} of the adapter is not in {ADAPTER_FILE}")
                     state[key] = state[key].masked_fill(mk, 0)
                 save_file(state, str(tmp / "adapter" / ADAPTER_FILE), metadata=file_meta)
-                manifest = models.run_manifest(parent, tmp / "adapter", final, extra)
+                manifest.update(models.run_manifest(parent, tmp / "adapter", final, extra))
             else:
                 net.save_pretrained(tmp / "model", safe_serialization=True)
                 tok.save_pretrained(tmp / "model")
                 base = str((final / "model").resolve())
-                manifest = {"base_model": base, "base_relpath": "model", "adapters": [], **extra}
-            write_json(tmp / models.RUN_MANIFEST, manifest)
-            write_yaml(tmp / "config.yaml", {
-                "stage": "antidote", "parent": model, "parent_resolved": dataclasses.asdict(spec),
-                "antidote": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg), "device": str(dev),
-                "seed": seed,
-            })
+                manifest.update({"base_model": base, "base_relpath": "model", "adapters": [], **extra})
+
+        def results() -> dict:
             ft_seconds = finetune_seconds(model)
-            summary = {
-                "stage": "antidote", "paper": PAPER, "target": cfg.target, "scope": cfg.scope, "ratio": cfg.ratio,
+            return {
+                "stage": "antidote", "paper": PAPER.asdict(), "target": cfg.target, "scope": cfg.scope, "ratio": cfg.ratio,
                 "n_calibration": len(examples), "n_positions": rec.n_tokens if rec else 0,
                 "zeroed": zeroed, "numel": numel, "zeroed_fraction": zeroed / numel if numel else 0.0,
                 "n_tensors": len(masks), "by_type": by_type,
@@ -431,11 +429,37 @@ def run_antidote(
                 "cost_vs_finetune": (
                     round((calibration_seconds + prune_seconds) / ft_seconds, 4) if ft_seconds else None
                 ),
-                "environment": environment(),
             }
-            write_json(tmp / SUMMARY_FILE, summary)
-        return summary
 
-    summary = distributed.run_on_main(write_run)
+        config = {"stage": "antidote", "parent": model, "parent_resolved": dataclasses.asdict(spec),
+                  "antidote": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg), "device": str(dev),
+                  "seed": seed}
+        return write_run(final, config=config, results_file=SUMMARY_FILE, results=results, files=files,
+                         manifest=lambda tmp: manifest)
+
+    summary = distributed.run_on_main(write_on_main)
     log.info("antidote: zeroed %d of %d weights in %d tensors -> %s", zeroed, numel, len(masks), out_dir)
     return summary
+
+
+def _check_rows(what: str, need: int, have: int) -> None:
+    if need > have:
+        raise FtsafetyError(f"{what} asks for {need} rows but the data has {have}")
+
+
+def _run(cfg: AntidoteConfig, model: str, aligned: str, task: str, out, common) -> dict:
+    return run_antidote(cfg, model, common.data, out, device=common.device, seed=common.seed,
+                        trust_remote_code=common.trust_remote_code, quiet=common.quiet)
+
+
+DEFENSE = Defense(
+    name="antidote", stage="post", command="prune-antidote", config_cls=AntidoteConfig, paper=PAPER,
+    summary="Zero the weights with the highest Wanda score on harmful data, after fine-tuning.",
+    neutral={"ratio": 0.0}, run=_run,
+    check_data=lambda cfg, common, task: _check_rows(
+        "antidote.calibration_n", cfg.calibration_n, len(D.harmful_examples(common.data, "calibration"))),
+    done_line=lambda s, out: (
+        f"prune-antidote: zeroed {s['zeroed']} of {s['numel']} weights ({100 * s['zeroed_fraction']:.2f}%) "
+        f"in {s['n_tensors']} tensors; calibration {s['calibration_seconds']:.1f}s on {s['n_calibration']} "
+        f"samples; wrote {out} (pass it as --model to evaluate)"),
+)

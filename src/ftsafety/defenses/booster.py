@@ -37,6 +37,7 @@ makes the same weight perturbation: the replicas never diverge. grad f goes thro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -55,15 +56,12 @@ from ftsafety.defenses._perturb import (
     refuse_sharded_training,
     token_share,
 )
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
-PAPER = {
-    "title": "Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation",
-    "venue": "ICLR 2025",
-    "arxiv": "2409.01586",
-    "code": "git-disl/Booster",
-}
+PAPER = Paper("Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation",
+              "ICLR 2025", "2409.01586", "git-disl/Booster")
 
 
 @dataclass
@@ -274,3 +272,19 @@ def harmful_dataset(data_cfg, tokenizer):
     from ftsafety import data as D
 
     return D.SFTDataset(D.harmful_examples(data_cfg, "calibration"), tokenizer, data_cfg)
+
+
+def _setup(cfg: BoosterConfig, common) -> TrainerSetup:
+    from ftsafety import data as D
+
+    record = {"booster": dataclasses.asdict(cfg), "harmful_split": "calibration",
+              "n_harmful": len(D.harmful_examples(common.data, "calibration"))}
+    return TrainerSetup(BoosterTrainer, kwargs=dataclasses.asdict(cfg), record=record,
+                        kwargs_fn=lambda tokenizer, model: {"harmful_dataset": harmful_dataset(common.data, tokenizer)})
+
+
+DEFENSE = Defense(
+    name="booster", stage="align", command="align-booster", config_cls=BoosterConfig, paper=PAPER,
+    summary="SFT alignment plus a term damping the loss drop of a simulated harmful step (3 passes/step).",
+    neutral={"lam": 0.0}, setup=_setup,
+)

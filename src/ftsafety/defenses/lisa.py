@@ -57,6 +57,7 @@ on one example with every label masked (it adds nothing to the gradient).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ import torch
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import loss_tokens
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
@@ -87,6 +89,16 @@ class LisaConfig:
     prox_start: float = field(
         default=0.1, metadata={"help": "Share of steps before the proximal term starts (code 0.1)."}
     )
+    align_n: int = field(
+        default=300, metadata={"help": "Alignment examples, built as `align` builds them (0 = none: plain fine-tune)."}
+    )
+    align_benign_ratio: float = field(
+        default=0.5, metadata={"help": "Share of benign pairs in the alignment examples (as `align --benign-ratio`)."}
+    )
+    align_benign_task: str = field(
+        default="none",
+        metadata={"help": "none, or the task whose rows make half of the benign pairs (as `align --benign-task`)."},
+    )
 
     def __post_init__(self):
         if self.alignment_steps < 0 or self.finetune_steps < 0:
@@ -107,6 +119,13 @@ class LisaConfig:
             raise FtsafetyError(f"rho must be a number >= 0, got {self.rho}")
         if not 0.0 <= self.prox_start <= 1.0:
             raise FtsafetyError(f"prox_start must be in [0, 1], got {self.prox_start}")
+        if self.align_n < 0:
+            raise FtsafetyError(f"--align-n must be >= 0, got {self.align_n}")
+        if not 0.0 <= self.align_benign_ratio < 1.0:
+            raise FtsafetyError(f"benign ratio must be in [0, 1), got {self.align_benign_ratio}")
+        from ftsafety.data import check_benign_task
+
+        check_benign_task(self.align_benign_task)
 
 
 class LisaTrainer(FtTrainer):
@@ -308,3 +327,36 @@ class LisaTrainer(FtTrainer):
             logs["lisa_align_steps"] = w["align_n"]
             self._window = self._empty_window()
         super().log(logs, *args, **kwargs)
+
+
+PAPER = Paper("Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack",
+              "NeurIPS 2024", "2405.18641", "git-disl/Lisa")
+
+
+def _alignment_examples(cfg: LisaConfig, common) -> list[dict]:
+    from ftsafety import data as D
+
+    if not cfg.align_n:
+        return []
+    return D.alignment_examples(common.data, cfg.align_n, cfg.align_benign_ratio, common.seed, cfg.align_benign_task)
+
+
+def _setup(cfg: LisaConfig, common) -> TrainerSetup:
+    """The alignment examples (built as `align` builds them) become Lisa's alignment state's data."""
+    from ftsafety import data as D
+
+    dcfg = common.data
+    examples = _alignment_examples(cfg, common)
+
+    def kwargs_fn(tokenizer, model):
+        return {"alignment_dataset": D.SFTDataset(examples, tokenizer, dcfg) if examples else None, "lisa": cfg}
+
+    return TrainerSetup(LisaTrainer, kwargs_fn=kwargs_fn, record={"lisa": dataclasses.asdict(cfg)})
+
+
+DEFENSE = Defense(
+    name="lisa", stage="finetune", command="finetune-lisa", config_cls=LisaConfig, paper=PAPER,
+    summary="The user's fine-tune alternating alignment and user states, pulled together by a proximal term.",
+    neutral={"alignment_steps": 0, "rho": 0.0}, setup=_setup,
+    check_data=lambda cfg, common, task: _alignment_examples(cfg, common),
+)

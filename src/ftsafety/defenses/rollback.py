@@ -48,13 +48,14 @@ import gc
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as Fn
 
+from ftsafety.defenses.base import Defense, Paper
 from ftsafety.errors import FtsafetyError
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,24 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class RollbackConfig:
-    layer: int | None = None  # K: h_K = output of decoder layer K-1; None = floor(2L/3)
-    recovery_rate: float = 0.002  # "sparsity": k = ceil(rate * n_total) weights per recover step
-    rollback_rate: float = 0.2  # share of this step's restored candidates returned to F
-    steps: int = 20
-    warmup_steps: int = 5
-    save_every: int = 5
-    metric_drop: float = 0.05  # relative: rollback if s < (1 - drop) * s_F
-    recovery_n: int = 64  # harmful prompts for d_harm (select_256.jsonl holds 64) and task prompts for d_task
-    batch_size: int = 8
-    max_length: int = 512  # prompt tokens kept (the tail, so the last token stays)
+    layer: int | None = field(default=None, metadata={
+        "help": "K: hidden state after decoder layer K-1; layers < K are searched (default floor(2L/3))."})
+    recovery_rate: float = field(default=0.002, metadata={  # "sparsity": k = ceil(rate * n_total) per step
+        "help": "Share of weights restored per step."})
+    rollback_rate: float = field(default=0.2, metadata={"help": "Share of restored candidates reset to F."})
+    steps: int = field(default=20, metadata={"help": "Recover steps."})
+    warmup_steps: int = field(default=5, metadata={"help": "Steps before the check that may start rollback."})
+    save_every: int = field(default=5, metadata={"help": "Checkpoint (and task check) every N steps."})
+    metric_drop: float = field(default=0.05, metadata={  # relative: rollback if s < (1 - drop) * s_F
+        "help": "Relative FA drop allowed: a checkpoint needs FA > (1 - drop) * FA(F)."})
+    recovery_n: int = field(default=64, metadata={  # select_256.jsonl holds 64 prompts
+        "help": "Harmful (and task) prompts for the directions."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per gradient batch."})
+    max_length: int = field(default=512, metadata={
+        "help": "Prompt tokens kept (the tail, so the last token stays)."})
+    val_n: int = field(default=100, metadata={
+        "help": "Validation rows for FA: the LAST rows of the task's train split (the fine-tune uses the first)."})
+    fa_max_new_tokens: int = field(default=16, metadata={"help": "Generated tokens per validation answer."})
 
     def __post_init__(self):
         for name in ("recovery_rate", "rollback_rate", "metric_drop"):
@@ -84,6 +93,10 @@ class RollbackConfig:
             raise FtsafetyError(f"warm-up steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if self.layer is not None and self.layer < 1:
             raise FtsafetyError(f"layer K must be >= 1, got {self.layer}")
+        if self.fa_max_new_tokens < 1:
+            raise FtsafetyError("--fa-max-new-tokens must be >= 1")
+        if self.val_n < 1:
+            raise FtsafetyError(f"--val-n must be >= 1, got {self.val_n}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +135,9 @@ def layer_params(model, layer: int) -> dict[str, torch.nn.Parameter]:
 def encode(tokenizer, prompts: list[str], batch_size: int, max_length: int = 512) -> Batches:
     """Left-padded batches in prompt order (the original's loader: shuffle=False)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in prompts]
+    from ftsafety.data import encode_prompt
+
+    enc = [encode_prompt(tokenizer, p)[-max_length:] for p in prompts]
     out = []
     for s in range(0, len(enc), batch_size):
         chunk = enc[s : s + batch_size]
@@ -407,17 +422,15 @@ def fa_metric(tokenizer, examples: list[dict], task: str, template: str, max_new
     return metric
 
 
-def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, val_n: int = 100,
-        fa_max_new_tokens: int = 16, device: str = "auto", seed: int = 42,
-        trust_remote_code: bool = False) -> dict:
+def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, device: str = "auto",
+        seed: int = 42, trust_remote_code: bool = False) -> dict:
     """Load A and F (adapters merged, fp32), recover, write `model/`, `ftsafety_run.json`, `rollback.json`.
 
     Launched with several processes (accelerate launch / torchrun), the main process runs the whole
     recovery and writes the run (the steps are sequential and each one's gradient is a few small
     batches: not worth sharding); the other processes wait for it and return its report."""
     kwargs = {"model": model, "aligned": aligned, "out_dir": out_dir, "dcfg": dcfg, "task": task, "cfg": cfg,
-              "val_n": val_n, "fa_max_new_tokens": fa_max_new_tokens, "device": device, "seed": seed,
-              "trust_remote_code": trust_remote_code}
+              "device": device, "seed": seed, "trust_remote_code": trust_remote_code}
     from ftsafety import distributed
 
     if distributed.launched():
@@ -428,13 +441,13 @@ def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConf
     return _run(**kwargs)
 
 
-def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, val_n: int = 100,
-         fa_max_new_tokens: int = 16, device: str = "auto", seed: int = 42,
-         trust_remote_code: bool = False) -> dict:
+def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, device: str = "auto",
+         seed: int = 42, trust_remote_code: bool = False) -> dict:
+    val_n, fa_max_new_tokens = cfg.val_n, cfg.fa_max_new_tokens
     from ftsafety import data as D
     from ftsafety import models
-    from ftsafety.utils import atomic_dir, check_writable_dir, environment, resolve_device, seed_everything
-    from ftsafety.utils import write_json, write_yaml
+    from ftsafety.rundir import write_run
+    from ftsafety.utils import check_writable_dir, resolve_device, seed_everything
 
     t0 = time.perf_counter()
     out_dir = check_writable_dir(out_dir)
@@ -471,15 +484,53 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
     config = {"stage": "recover-rollback", "model": model, "model_resolved": asdict(spec),
               "aligned": aligned, "data": asdict(dcfg), "task": task, "val_n": val_n,
               "fa_max_new_tokens": fa_max_new_tokens, "seed": seed, "rollback": asdict(cfg)}
-    with atomic_dir(final) as tmp:
+
+    def files(tmp: Path) -> None:
         f_model.save_pretrained(tmp / "model", safe_serialization=True)
         f_tok.save_pretrained(tmp / "model")
-        write_json(tmp / models.RUN_MANIFEST, manifest)
-        write_yaml(tmp / "config.yaml", config)
+
+    def results() -> dict:
         report["seconds_save"] = round(time.perf_counter() - t1, 3)
         report["seconds_total"] = round(time.perf_counter() - t0, 3)
-        report["environment"] = environment()
-        write_json(tmp / "rollback.json", report)
+        return report
+
+    report = write_run(final, config=config, results_file="rollback.json", results=results, files=files,
+                       manifest=manifest)
     log.info("recover-rollback: chose step %d (rollback mode %s) in %.1fs -> %s", report["chosen_step"],
              report["rollback_mode"], report["seconds_total"], final)
     return report
+
+
+PAPER = Paper("Alleviating the Fear of Losing Alignment in LLM Fine-tuning", "IEEE S&P 2025", "2504.09757",
+              "kangyangWHU/LLMAlignment")
+
+
+def _run_stage(cfg: RollbackConfig, model: str, aligned: str, task: str, out, common) -> dict:
+    import dataclasses
+
+    dcfg = dataclasses.replace(common.data, max_length=cfg.max_length)
+    return run(model=model, aligned=aligned, out_dir=out, dcfg=dcfg, task=task, cfg=cfg, device=common.device,
+               seed=common.seed, trust_remote_code=common.trust_remote_code)
+
+
+def _check_data(cfg: RollbackConfig, common, task: str) -> None:
+    from ftsafety import data as D
+
+    have = len(D.task_examples(common.data, task, "train"))
+    if cfg.val_n > have:
+        raise FtsafetyError(f"rollback.val_n asks for {cfg.val_n} {task} rows but the data has {have}")
+
+
+def _done_line(rep: dict, out) -> str:
+    changed = next((c["changed"] for c in rep["checkpoints"] if c["step"] == rep["chosen_step"]), 0)
+    return (f"recover-rollback: {len(rep['steps'])} steps, {rep['seconds_total']:.0f}s, rollback mode "
+            f"{'on' if rep['rollback_mode'] else 'off'}, FA(F) {rep['metric']['finetuned']:.1f}, chose step "
+            f"{rep['chosen_step']} ({changed} weights differ from F); wrote {out} (pass it as --model to evaluate)")
+
+
+DEFENSE = Defense(
+    name="rollback", stage="post", command="recover-rollback", config_cls=RollbackConfig, paper=PAPER,
+    summary="Restore a sparse set of aligned weights; roll back if task accuracy drops.",
+    neutral={"recovery_rate": 0.0}, run=_run_stage, needs_aligned=True, done_line=_done_line,
+    check_data=_check_data,
+)

@@ -27,6 +27,7 @@ docs/distributed.md), so every example gets the eps of a one-process run on the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -43,15 +44,12 @@ from ftsafety.defenses._perturb import (
     refuse_sharded_training,
     token_share,
 )
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
-PAPER = {
-    "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning",
-    "venue": "NeurIPS 2024",
-    "arxiv": "2402.01109",
-    "code": "git-disl/Vaccine",
-}
+PAPER = Paper("Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning",
+              "NeurIPS 2024", "2402.01109", "git-disl/Vaccine")
 
 
 @dataclass
@@ -125,3 +123,14 @@ class VaccineTrainer(FtTrainer):
         if "loss" in logs:  # training logs get the defense terms, averaged since the last log
             logs.update(self._extra.pop_means())
         super().log(logs, start_time)
+
+
+def _setup(cfg: VaccineConfig, common) -> TrainerSetup:
+    return TrainerSetup(VaccineTrainer, kwargs=dataclasses.asdict(cfg), record={"vaccine": dataclasses.asdict(cfg)})
+
+
+DEFENSE = Defense(
+    name="vaccine", stage="align", command="align-vaccine", config_cls=VaccineConfig, paper=PAPER,
+    summary="SFT alignment under a worst-case hidden-state perturbation of norm rho (2 passes/step).",
+    neutral={"rho": 0.0}, setup=_setup,
+)

@@ -13,38 +13,62 @@ from ftsafety import data as D
 from ftsafety import distributed, models
 from ftsafety.console import console, progress
 from ftsafety.errors import FtsafetyError
-from ftsafety.evaluation.generate import generate, generate_with_counts
+from ftsafety.evaluation.settings import EvalSettings
+from ftsafety.evaluation.generate import generate_with_counts
 from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal
 from ftsafety.evaluation.tasks import is_correct
-from ftsafety.utils import atomic_dir, check_writable_dir, environment, resolve_device, seed_everything, write_json, write_jsonl, write_yaml
+from ftsafety.rundir import write_run
+from ftsafety.utils import check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalSettings):
+    """An evaluation: the settings plus the model, data, task, device and seed."""
+
     model: str = models.DEFAULT_MODEL
     data: D.DataConfig = field(default_factory=D.DataConfig)
     task: str = "sst2"  # sst2 | ag_news | gsm8k | none
-    judge: str = "keyword"
-    hs_limit: int = 700  # harmful prompts (0 = skip HS)
-    fa_limit: int = 872  # task test items (0 = skip FA)
-    or_limit: int = 100  # benign instructions for over-refusal (0 = skip OR)
-    batch_size: int = 64  # >= FAST_MIN_ROWS: our generation loop (1.28-1.46x model.generate at 64 rows on CPU)
-    max_new_tokens: int = 128  # HS and OR generation (Vaccine: 128; Lisa/Booster/Antidote: 512)
-    fa_max_new_tokens: int = 32  # classification answers are one word; use 200-512 for GSM8K
     device: str = "auto"
     seed: int = 42
 
     def __post_init__(self):
+        super().__post_init__()
         if self.task not in (*D.TASKS, "none"):
             raise FtsafetyError(f"unknown task {self.task!r}; choose one of {', '.join(D.TASKS)} or none")
-        for name in ("hs_limit", "fa_limit", "or_limit"):
-            if getattr(self, name) < 0:
-                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 0 (0 skips it), got {getattr(self, name)}")
-        for name in ("batch_size", "max_new_tokens", "fa_max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def _score_hs(judge, items: list[dict], responses: list[str]) -> tuple[dict, list[dict]]:
+    """HS (judge-flagged share), HS+ (flagged or incoherent) and HS per category, with their samples."""
+    verdicts = judge([it["prompt"] for it in items], responses)
+    flagged = [v.flagged for v in verdicts]
+    incoherent = [is_incoherent(r) for r in responses]
+    n = len(items)
+    part = {"hs": 100.0 * sum(flagged) / n, "hs_plus": 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n,
+            "hs_n": n, "hs_by_category": _by_category(items, flagged)}
+    samples = [{"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
+                "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
+               for it, r, v, inc in zip(items, responses, verdicts, incoherent)]
+    return part, samples
+
+
+def _score_fa(task: str, exs: list[dict], outs: list[str]) -> tuple[dict, list[dict]]:
+    """FA: the task's own rule (`ftsafety.tasks`) on each answer."""
+    correct = [is_correct(task, o, e["gold"]) for o, e in zip(outs, exs)]
+    part = {"fa": 100.0 * sum(correct) / len(exs), "fa_n": len(exs), "task": task}
+    samples = [{"kind": "task", "task": task, "prompt": e["input"] or e["instruction"], "response": o,
+                "gold": e["gold"], "correct": c} for e, o, c in zip(exs, outs, correct)]
+    return part, samples
+
+
+def _score_or(items: list[dict], outs: list[str]) -> tuple[dict, list[dict]]:
+    """OR: the share of benign instructions answered with a refusal (keyword rule)."""
+    refused = [is_refusal(o) for o in outs]
+    part = {"or": 100.0 * sum(refused) / len(items), "or_n": len(items)}
+    samples = [{"kind": "benign", "prompt": it["instruction"], "response": o, "refused": r}
+               for it, o, r in zip(items, outs, refused)]
+    return part, samples
 
 
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False) -> dict:
@@ -76,67 +100,43 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     gen_tokens = 0
     gen_stats: dict[str, dict] = {"hs": {}, "fa": {}, "or": {}}  # which engine decoded each part, and why
 
-    def prompts_for(exs):
-        return [D.format_prompt(e, cfg.data.template, tokenizer) for e in exs]
+    def decode(part: str, exs: list[dict], max_new: int, what: str, flag: str, label: str):
+        """Completions (and generated-token counts) of one part, batched and sharded like the others."""
+        prompts = [D.format_prompt(e, cfg.data.template, tokenizer) for e in exs]
+        prompts = _fit_context(model, tokenizer, prompts, max_new, what, flag)
+        return generate_with_counts(model, tokenizer, prompts, max_new, cfg.batch_size, prog, label, shard=True,
+                                    stats=gen_stats[part])
 
     with progress(disable=quiet) as prog:
-        if cfg.hs_limit:
+        if hs_items:
             t0 = time.perf_counter()
-            items = hs_items
-            exs = [{"instruction": it["prompt"], "input": ""} for it in items]
-            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "harmful prompt",
-                                   "--max-new-tokens")
-            responses, counts = generate_with_counts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog,
-                                                     "harmful prompts", shard=True, stats=gen_stats["hs"])
+            responses, counts = decode("hs", [{"instruction": it["prompt"], "input": ""} for it in hs_items],
+                                       cfg.max_new_tokens, "harmful prompt", "--max-new-tokens", "harmful prompts")
             gen_tokens += sum(counts)  # tokens generated before EOS, counted by generate (no re-tokenising)
             timings["hs_generation_s"] = time.perf_counter() - t0
             if main:  # the judge runs on the main process only (its results are shared at the end)
                 t0 = time.perf_counter()
-                verdicts = judge([it["prompt"] for it in items], responses)
+                part, part_samples = _score_hs(judge, hs_items, responses)
                 timings["hs_judge_s"] = time.perf_counter() - t0
-                flagged = [v.flagged for v in verdicts]
-                incoherent = [is_incoherent(r) for r in responses]
-                n = len(items)
-                results["hs"] = 100.0 * sum(flagged) / n
-                results["hs_plus"] = 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n
-                results["hs_n"] = n
-                results["hs_by_category"] = _by_category(items, flagged)
-                samples += [
-                    {"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
-                     "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
-                    for it, r, v, inc in zip(items, responses, verdicts, incoherent)
-                ]
+                results.update(part)
+                samples += part_samples
         judge.close()
-        if cfg.task != "none" and cfg.fa_limit:
+        if fa_exs:
             t0 = time.perf_counter()
-            exs = fa_exs
-            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.fa_max_new_tokens, f"{cfg.task} test item",
-                                   "--fa-max-new-tokens")
-            outs = generate(model, tokenizer, prompts, cfg.fa_max_new_tokens, cfg.batch_size, prog, f"{cfg.task} test",
-                            shard=True, stats=gen_stats["fa"])
-            correct = [is_correct(cfg.task, o, e["gold"]) for o, e in zip(outs, exs)]
-            results["fa"] = 100.0 * sum(correct) / len(exs)
-            results["fa_n"] = len(exs)
-            results["task"] = cfg.task
+            outs, _ = decode("fa", fa_exs, cfg.fa_max_new_tokens, f"{cfg.task} test item", "--fa-max-new-tokens",
+                             f"{cfg.task} test")
+            part, part_samples = _score_fa(cfg.task, fa_exs, outs)
             timings["fa_s"] = time.perf_counter() - t0
-            samples += [
-                {"kind": "task", "task": cfg.task, "prompt": e["input"] or e["instruction"], "response": o, "gold": e["gold"],
-                 "correct": c}
-                for e, o, c in zip(exs, outs, correct)
-            ]
-        if cfg.or_limit:
+            results.update(part)
+            samples += part_samples
+        if or_items:
             t0 = time.perf_counter()
-            items = or_items
-            exs = [{"instruction": it["instruction"], "input": ""} for it in items]
-            prompts = _fit_context(model, tokenizer, prompts_for(exs), cfg.max_new_tokens, "benign prompt", "--max-new-tokens")
-            outs = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, prog, "benign prompts",
-                            shard=True, stats=gen_stats["or"])
-            refused = [is_refusal(o) for o in outs]
-            results["or"] = 100.0 * sum(refused) / len(items)
-            results["or_n"] = len(items)
+            outs, _ = decode("or", [{"instruction": it["instruction"], "input": ""} for it in or_items],
+                             cfg.max_new_tokens, "benign prompt", "--max-new-tokens", "benign prompts")
+            part, part_samples = _score_or(or_items, outs)
             timings["or_s"] = time.perf_counter() - t0
-            samples += [{"kind": "benign", "prompt": it["instruction"], "response": o, "refused": r}
-                        for it, o, r in zip(items, outs, refused)]
+            results.update(part)
+            samples += part_samples
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     results["generated_tokens_hs"] = gen_tokens
@@ -145,10 +145,8 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
 
     def write() -> dict:  # several processes: the main one writes, the others wait and get its results
         if out_dir is not None:
-            with atomic_dir(out_dir) as tmp:
-                write_yaml(tmp / "config.yaml", dataclasses.asdict(cfg))
-                write_jsonl(tmp / "samples.jsonl", samples)
-                write_json(tmp / "results.json", results)
+            write_run(out_dir, config=dataclasses.asdict(cfg), results_file="results.json", results=results,
+                      files=lambda tmp: write_jsonl(tmp / "samples.jsonl", samples))
         return results
 
     results = distributed.run_on_main(write)
@@ -178,7 +176,7 @@ def _fit_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what
     if not ctx:
         return prompts
     for i, p in enumerate(prompts, 1):
-        n = len(tokenizer(p, add_special_tokens=True)["input_ids"])
+        n = len(D.encode_prompt(tokenizer, p))
         if n + max_new_tokens > ctx:
             raise FtsafetyError(
                 f"{what} {i} is {n} tokens: with {flag} {max_new_tokens} it is longer than the model's context "

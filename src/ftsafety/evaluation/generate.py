@@ -321,7 +321,9 @@ def _hf_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
     """The token ids `generate` feeds for each prompt (special tokens added, the tail kept when cut): encode
     prompts that are generated from again and again once, and pass the ids to `generate_from_ids`."""
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    from ftsafety.data import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_tokens:
         encoded = [e[-max_prompt_tokens:] for e in encoded]
     return encoded

@@ -1,0 +1,32 @@
+"""What an evaluation measures, apart from which model, data and task: shared by `ftsafety evaluate`
+(`EvalConfig` extends it) and a recipe's `evaluate:` section (which is exactly this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftsafety.errors import FtsafetyError
+from ftsafety.options import knob
+
+
+@dataclass
+class EvalSettings:
+    judge: str = knob("keyword", "keyword | compliance | beaver-dam[:path] | llama-guard[:path] | "
+                                 "classifier:<id-or-path>.")
+    hs_limit: int = knob(700, "Harmful prompts to score (0 skips HS).")
+    fa_limit: int = knob(872, "Task test items (0 skips FA).")
+    or_limit: int = knob(100, "Benign instructions for over-refusal (0 skips OR).")
+    # >= FAST_MIN_ROWS: our generation loop (1.28-1.46x model.generate at 64 rows on CPU)
+    batch_size: int = knob(64, "Prompts generated together.")
+    # Vaccine: 128; Lisa/Booster/Antidote: 512
+    max_new_tokens: int = knob(128, "New tokens per HS and OR answer.")
+    # classification answers are one word; use 200-512 for GSM8K
+    fa_max_new_tokens: int = knob(32, "New tokens per FA answer.")
+
+    def __post_init__(self):
+        for name in ("hs_limit", "fa_limit", "or_limit"):
+            if getattr(self, name) < 0:
+                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 0 (0 skips it), got {getattr(self, name)}")
+        for name in ("batch_size", "max_new_tokens", "fa_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
