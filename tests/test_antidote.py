@@ -242,3 +242,19 @@ def test_fast_calibration_gives_the_same_masks(runs, alias, tiny_data_dir):
             masks = [A.wanda_masks({n: A.wanda_score(m.weight, rec.scaler(n)) for n, m in modules.items()}, 0.1, scope)
                      for rec in (ref, fast)]
             assert all(torch.equal(masks[0][n], masks[1][n]) for n in modules)
+
+
+def test_random_prune_baseline(runs, tmp_path, tiny_data_dir):
+    """--score random (the paper's random-pruning ablation): as many weights per row as Wanda zeroes,
+    chosen at random, the same with the same seed, and no harmful calibration data read."""
+    ft = runs["tiny-llama"]
+    wanda = _run(ft, tmp_path / "wanda", tiny_data_dir, ratio=0.25)
+    rand = _run(ft, tmp_path / "rand", tiny_data_dir, ratio=0.25, score="random")
+    again = _run(ft, tmp_path / "again", tiny_data_dir, ratio=0.25, score="random")
+    assert rand["zeroed"] == wanda["zeroed"] > 0 and rand["n_calibration"] == 0
+    mw, mr, ma = (load_file(str(tmp_path / d / A.MASK_FILE)) for d in ("wanda", "rand", "again"))
+    assert all(torch.equal(mr[k].sum(1), mw[k].sum(1)) for k in mw)  # same count per row
+    assert any(not torch.equal(mr[k], mw[k]) for k in mw)  # other positions
+    assert all(torch.equal(mr[k], ma[k]) for k in mr)  # reproducible
+    with pytest.raises(FtsafetyError, match="unknown score"):
+        A.AntidoteConfig(score="magnitude")

@@ -157,3 +157,38 @@ def test_one_bos_when_the_chat_template_writes_it():
     # a template without BOS (alpaca) still gets the tokenizer's one
     alpaca = D.format_prompt(ex, "alpaca", tok)
     assert D.encode_prompt(tok, alpaca) == tok(alpaca, add_special_tokens=True)["input_ids"]
+
+
+def test_prompt_and_answer_tokenised_together_as_the_originals():
+    """The git-disl `preprocess`: tokenise prompt + answer as one string, mask the prompt's own token
+    count. With a merge across the boundary ("\\n" + "p"), that differs from tokenising them apart."""
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["Ċp"] = len(vocab)  # the merge that crosses the boundary
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(tm.BPE(vocab=vocab, merges=[("Ċ", "p")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    ex = {"instruction": "Rate it", "input": "", "output": "positive"}
+    cfg = D.DataConfig(max_length=512)  # the byte-level prompt is ~170 tokens: not cut
+    prompt = D.format_prompt(ex, "alpaca", tok)  # ends with "### Response:\n"
+    prompt_ids = tok(prompt)["input_ids"]
+    joint = tok(prompt + "positive")["input_ids"]
+    apart = prompt_ids + tok("positive")["input_ids"]
+    assert joint != apart  # the merge happened
+    item = D.SFTDataset([ex], tok, cfg)[0]
+    assert item["input_ids"] == joint + [tok.eos_token_id]
+    assert item["labels"] == [-100] * len(prompt_ids) + joint[len(prompt_ids):] + [tok.eos_token_id]
+
+
+def test_mix_counts_are_the_original_codes(tiny_data_dir):
+    """int(p*n) harmful and int((1-p)*n) task rows, floored as Booster's code floors them."""
+    cfg = D.DataConfig(data=str(tiny_data_dir))
+    for n, p, harm, task in [(100, 0.29, 28, 71), (200, 0.1, 20, 180), (250, 0.2, 50, 200), (10, 0.3, 3, 7),
+                             (50, 0.0, 0, 50)]:
+        kinds = [e["kind"] for e in D.finetune_mix(cfg, "sst2", n, p)]
+        assert (kinds.count("harmful"), kinds.count("task")) == (harm, task), (n, p)

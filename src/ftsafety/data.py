@@ -299,7 +299,8 @@ def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed:
 
 
 def finetune_mix(cfg: DataConfig, task: str, n: int, harmful_ratio: float, seed: int = 42) -> list[dict]:
-    """The papers' fine-tuning set: round(p*n) harmful pairs + the rest from the benign task.
+    """The papers' fine-tuning set: int(p*n) harmful pairs + int((1-p)*n) rows of the benign task, the
+    original code's counts (Booster's `SupervisedDataset`: Python floats, floored, so 0.29*100 gives 28).
 
     Like the original code, both parts are the *first* rows of their sources (no sampling);
     the seed only fixes the order in which they are mixed.
@@ -308,8 +309,8 @@ def finetune_mix(cfg: DataConfig, task: str, n: int, harmful_ratio: float, seed:
         raise FtsafetyError(f"harmful ratio p must be in [0, 1], got {harmful_ratio}")
     if n < 1:
         raise FtsafetyError(f"number of fine-tuning samples n must be >= 1, got {n}")
-    n_harm = int(round(harmful_ratio * n))
-    n_task = n - n_harm
+    n_harm = int(harmful_ratio * n)
+    n_task = int((1 - harmful_ratio) * n)
     harmful = harmful_examples(cfg, "train")
     if n_harm > len(harmful):
         raise FtsafetyError(f"p*n = {n_harm} harmful samples asked for, but only {len(harmful)} rows are available")
@@ -356,6 +357,8 @@ _NO_CONTEXT = 10**9
 
 class SFTDataset(torch.utils.data.Dataset):
     """Tokenised once; loss on response tokens only (prompt labels are -100), target = output + EOS.
+    Prompt + output are tokenised together and the prompt's own token count is masked (the originals'
+    rule).
 
     Sequences are cut at `cfg.max_length`. A prompt that alone fills max_length keeps its tail
     (max_length // 2 tokens, so the template's "### Response:" stays next to the answer) and the
@@ -371,8 +374,13 @@ class SFTDataset(torch.utils.data.Dataset):
         ctx = getattr(tokenizer, "model_max_length", None)
         ctx = ctx if isinstance(ctx, int) and 0 < ctx < _NO_CONTEXT else None
         for n, ex in enumerate(examples, 1):
-            prompt_ids = encode_prompt(tokenizer, format_prompt(ex, cfg.template, tokenizer))
-            out_ids = tokenizer(ex["output"], add_special_tokens=False)["input_ids"] + [eos]
+            prompt = format_prompt(ex, cfg.template, tokenizer)
+            # as the originals (`preprocess` in the git-disl repos): prompt + answer tokenised as ONE
+            # string and the prompt's own token count masked, so a SentencePiece tokenizer sees the
+            # answer's first word as it would in running text
+            n_prompt = len(encode_prompt(tokenizer, prompt))
+            full = encode_prompt(tokenizer, prompt + ex["output"])
+            prompt_ids, out_ids = full[:n_prompt], full[n_prompt:] + [eos]
             if len(prompt_ids) >= cfg.max_length:  # keep the tail of an over-long prompt and the whole answer start
                 prompt_ids = prompt_ids[-(cfg.max_length // 2):]
             ids = (prompt_ids + out_ids)[: cfg.max_length]

@@ -65,6 +65,7 @@ PAPER = Paper("Antidote: Post-fine-tuning Safety Alignment for Large Language Mo
               "ICML 2025", "2408.09600", "git-disl/Antidote")
 TARGETS = ("lora", "dense")
 SCOPES = ("row", "global")
+SCORES = ("wanda", "random")
 MASK_FILE = "mask.safetensors"
 SUMMARY_FILE = "antidote.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -88,6 +89,10 @@ class AntidoteConfig:
     dense_targets: str = field(
         default="qkv", metadata={"help": "linears scored with target=dense (original: q, k, v)"}
     )
+    score: str = field(
+        default="wanda", metadata={"help": "wanda: |W| x input norm (the method) | random: the paper's random-"
+                                           "pruning baseline, the same number of weights per row chosen at random"}
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.ratio <= 1.0:
@@ -100,6 +105,8 @@ class AntidoteConfig:
             raise FtsafetyError(f"calibration size must be >= 0, got {self.calibration_n}")
         if self.batch_size < 1:
             raise FtsafetyError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.score not in SCORES:
+            raise FtsafetyError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +343,9 @@ def run_antidote(
         raise FtsafetyError(
             f"{model} has no LoRA adapter to prune; pass a fine-tuning run directory or use --target dense"
         )
-    examples = D.harmful_examples(data_cfg, "calibration")[: cfg.calibration_n] if cfg.calibration_n else []
-    if cfg.calibration_n and not examples:
+    use_data = cfg.calibration_n and cfg.score == "wanda"  # the random baseline reads no harmful data
+    examples = D.harmful_examples(data_cfg, "calibration")[: cfg.calibration_n] if use_data else []
+    if use_data and not examples:
         raise FtsafetyError("the calibration set is empty")
     t0 = time.perf_counter()
     if cfg.target == "lora":
@@ -366,7 +374,11 @@ def run_antidote(
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        scores = {n: wanda_score(m.weight, rec.scaler(n) if rec else None) for n, m in modules.items()}
+        if cfg.score == "random":  # seeded, so the baseline is reproducible; CPU generator on every device
+            gen = torch.Generator().manual_seed(seed)
+            scores = {n: torch.rand(m.weight.shape, generator=gen).to(m.weight.device) for n, m in modules.items()}
+        else:
+            scores = {n: wanda_score(m.weight, rec.scaler(n) if rec else None) for n, m in modules.items()}
         masks = wanda_masks(scores, cfg.ratio, cfg.scope)
         del scores
         if cfg.target == "dense":
