@@ -250,7 +250,7 @@ def test_random_prune_baseline(runs, tmp_path, tiny_data_dir):
     ft = runs["tiny-llama"]
     wanda = _run(ft, tmp_path / "wanda", tiny_data_dir, ratio=0.25)
     rand = _run(ft, tmp_path / "rand", tiny_data_dir, ratio=0.25, score="random")
-    again = _run(ft, tmp_path / "again", tiny_data_dir, ratio=0.25, score="random")
+    _run(ft, tmp_path / "again", tiny_data_dir, ratio=0.25, score="random")
     assert rand["zeroed"] == wanda["zeroed"] > 0 and rand["n_calibration"] == 0
     mw, mr, ma = (load_file(str(tmp_path / d / A.MASK_FILE)) for d in ("wanda", "rand", "again"))
     assert all(torch.equal(mr[k].sum(1), mw[k].sum(1)) for k in mw)  # same count per row

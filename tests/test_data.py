@@ -1,6 +1,7 @@
 """Data layer: strict JSONL reading, the papers' mix, templates, response-only labels."""
 
 
+import json
 import pytest
 
 from ftsafety import data as D
@@ -192,3 +193,49 @@ def test_mix_counts_are_the_original_codes(tiny_data_dir):
                              (50, 0.0, 0, 50)]:
         kinds = [e["kind"] for e in D.finetune_mix(cfg, "sst2", n, p)]
         assert (kinds.count("harmful"), kinds.count("task")) == (harm, task), (n, p)
+
+
+def test_booster_paired_harmful_set_is_the_alignment_prompts(tiny_data_dir):
+    """booster.harmful_data=paired: the harmful answers of exactly the prompts `align` refuses."""
+    from ftsafety import stages
+    from ftsafety.defenses.booster import BoosterConfig
+    from ftsafety.defenses.booster import _setup as booster_setup
+
+    cfg = D.DataConfig(data=str(tiny_data_dir))
+    align = D.alignment_examples(cfg, 40, 0.25, 3)
+    paired = D.alignment_prompt_rows(cfg, 40, 0.25)
+    assert sorted(e["instruction"] for e in align if e["kind"] == "refusal") == sorted(e["instruction"] for e in paired)
+    assert all(e["output"].startswith("Sure") for e in paired)  # the harmful answers, not refusals
+    st = stages.AlignStage(method="booster", n=40, benign_ratio=0.25)
+    common = stages.Common(data=cfg)
+    setup = booster_setup(BoosterConfig(harmful_data="paired"), common, st)
+    assert setup.record["harmful_split"] == "train" and setup.record["n_harmful"] == 30
+    assert "harmful_data" not in setup.kwargs
+    assert booster_setup(BoosterConfig(), common, st).record["harmful_split"] == "calibration"
+    with pytest.raises(FtsafetyError, match="unknown harmful data"):
+        BoosterConfig(harmful_data="repnoise")
+
+
+def test_beavertails_safe_alignment_data(tiny_data_dir, tmp_path):
+    """--alignment-data beavertails-safe: BeaverTails' is_safe pairs, the first ones (Vaccine's and Lisa's
+    code), read from a local file with the hub's fields; the built-in data has none (one-line error)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, root)
+    safe = [{"prompt": f"Is it OK to do thing {i}?", "response": f"No, thing {i} hurts people; here is why.",
+             "category": {"animal_abuse": True}, "is_safe": True} for i in range(30)]
+    (root / "beavertails" / "safe_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in safe))
+    cfg = D.DataConfig(data=str(root))
+    ex = D.alignment_examples(cfg, 20, 0.25, 1, source="beavertails-safe")
+    kinds = [e["kind"] for e in ex]
+    assert kinds.count("safe") == 15 and kinds.count("benign") == 5
+    assert sorted(e["instruction"] for e in ex if e["kind"] == "safe") == sorted(r["prompt"] for r in safe[:15])
+    assert all(e["output"] == next(r["response"] for r in safe if r["prompt"] == e["instruction"])
+               for e in ex if e["kind"] == "safe")
+    with pytest.raises(FtsafetyError, match="only 30 are available"):
+        D.alignment_examples(cfg, 80, 0.0, 1, source="beavertails-safe")
+    with pytest.raises(FtsafetyError, match="not built in"):
+        D.alignment_examples(D.DataConfig(), 10, 0.0, 1, source="beavertails-safe")
+    with pytest.raises(FtsafetyError, match="unknown alignment data"):
+        D.alignment_examples(cfg, 10, 0.0, 1, source="safe")

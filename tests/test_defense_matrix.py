@@ -156,7 +156,7 @@ EXAMPLE = Defense(
     name="scale", stage="align", command="align-scale", config_cls=ScaleConfig,
     paper=Paper("An example defense", "tests", "0000.00000", "none"), summary="Alignment with a scaled loss.",
     neutral={"factor": 1.0},
-    setup=lambda cfg, common: TrainerSetup(ScaleTrainer, kwargs=dataclasses.asdict(cfg),
+    setup=lambda cfg, common, stage: TrainerSetup(ScaleTrainer, kwargs=dataclasses.asdict(cfg),
                                            record={"scale": dataclasses.asdict(cfg)}),
 )
 

@@ -54,3 +54,14 @@ def test_scored_positions_leaves_unlabelled_batches_alone():
     none = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
     assert scored_positions(model, none) is none
     assert scored_positions(model, {"input_ids": ids}) == {"input_ids": ids}
+
+
+def test_report_to_reaches_the_trainer(tmp_path):
+    """--report-to (issue 18): passed to TrainingArguments; 'none' (the default) reports nowhere."""
+    import torch
+
+    from ftsafety.train import TrainConfig, training_args
+
+    args = training_args(TrainConfig(report_to="tensorboard, wandb"), torch.device("cpu"), str(tmp_path))
+    assert list(args.report_to) == ["tensorboard", "wandb"]
+    assert list(training_args(TrainConfig(), torch.device("cpu"), str(tmp_path)).report_to) in ([], ["none"])

@@ -47,7 +47,11 @@ SAFETY_FILES = {
     "train": ("beavertails/harmful_train.jsonl", ("prompt", "response")),
     "calibration": ("beavertails/harmful_calibration.jsonl", ("prompt", "response")),
     "eval": ("beavertails/eval_prompts.jsonl", ("prompt",)),
+    # BeaverTails' is_safe pairs (a harmful prompt with a safe answer): the originals' Vaccine/Lisa
+    # alignment data; on the hub the 30k_train rows with is_safe true, locally a file with its fields
+    "safe": ("beavertails/safe_train.jsonl", ("prompt", "response")),
 }
+ALIGNMENT_DATA = ("refusals", "beavertails-safe")
 BEAVERTAILS_HUB = "PKU-Alignment/BeaverTails"
 
 
@@ -128,6 +132,8 @@ def _hub_rows(name: str, split: str) -> list[dict]:
         if name == "beavertails":
             hub_split = "30k_test" if split == "eval" else "30k_train"
             ds = datasets.load_dataset(hub_id, split=hub_split)
+            if split == "safe":
+                return [r for r in ds if r["is_safe"]]
             rows = [r for r in ds if not r["is_safe"]]
             if split == "calibration":  # Antidote's disjoint window of unsafe rows
                 rows = rows[5000:7000]
@@ -140,6 +146,9 @@ def _hub_rows(name: str, split: str) -> list[dict]:
 
 
 def _builtin_rows(name: str, split: str) -> list[dict]:
+    if name == "beavertails" and split == "safe":
+        raise FtsafetyError("BeaverTails' safe pairs are not built in: use --data hub, or a data directory with "
+                            "beavertails/safe_train.jsonl (fields prompt, response), or --alignment-data refusals")
     if name == "beavertails":
         rows = builtin_data.harmful_prompts(split)
         if split != "eval":
@@ -226,6 +235,13 @@ def harmful_examples(cfg: DataConfig, split: str = "train") -> list[dict]:
         "category": _category(r)})
 
 
+def alignment_prompt_rows(cfg: DataConfig, n: int, benign_ratio: float) -> list[dict]:
+    """The harmful-train rows whose prompts `alignment_examples` turns into refusals, with their harmful
+    responses: Booster's paired harmful set (the same prompts, harmful answers)."""
+    n_refusal = n - int(round(n * benign_ratio))
+    return harmful_examples(cfg, "train")[cfg.offset():][:n_refusal]
+
+
 def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
     raw = rows(cfg, "beavertails", "eval")
     raw = raw[:n] if n else raw
@@ -246,13 +262,18 @@ def _category(row: dict) -> str:
     return str(cat) if cat else "unknown"
 
 
+def check_alignment_data(source: str) -> None:
+    if source not in ALIGNMENT_DATA:
+        raise FtsafetyError(f"unknown alignment data {source!r}; choose one of {', '.join(ALIGNMENT_DATA)}")
+
+
 def check_benign_task(task: str) -> None:
     if task != "none" and task not in TASKS:
         raise FtsafetyError(f"unknown benign task {task!r}; choose none or one of {', '.join(TASKS)}")
 
 
 def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed: int = 42,
-                       benign_task: str = "none") -> list[dict]:
+                       benign_task: str = "none", source: str = "refusals") -> list[dict]:
     """(harmful prompt, refusal) pairs, Booster's setting; refusals are varied and built by us.
 
     `benign_ratio` mixes that share of harmless instructions with helpful answers into the set, so
@@ -262,6 +283,9 @@ def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed:
     rows, counted from the end of the split (the fine-tune mix reads from its start). Those are
     instructions *with an `### Input:` section*; without any, a small aligned model learns to refuse
     every prompt of that shape, SST-2's included (EXPERIMENTS.md, 2026-11-30).
+
+    `source="beavertails-safe"` takes the pairs from BeaverTails' is_safe rows instead (a harmful prompt
+    with BeaverTails' own safe answer, the first ones, as Vaccine's and Lisa's code read them).
     """
     if n < 1:
         raise FtsafetyError(f"alignment size must be >= 1, got {n}")
@@ -269,16 +293,21 @@ def alignment_examples(cfg: DataConfig, n: int, benign_ratio: float = 0.0, seed:
         raise FtsafetyError(f"benign ratio must be in [0, 1), got {benign_ratio}")
     n_benign = int(round(n * benign_ratio))
     n_refusal = n - n_benign
-    pool = harmful_examples(cfg, "train")[cfg.offset():]
-    if n_refusal > len(pool):
-        raise FtsafetyError(
-            f"alignment needs {n_refusal} harmful prompts but only {len(pool)} are available after offset {cfg.offset()}"
-        )
-    out = [
-        {"instruction": r["instruction"], "input": "", "output": builtin_data.refusal(r["instruction"], r["category"]),
-         "kind": "refusal"}
-        for r in pool[:n_refusal]
-    ]
+    check_alignment_data(source)
+    if source == "beavertails-safe":
+        safe = harmful_examples(cfg, "safe")
+        if n_refusal > len(safe):
+            raise FtsafetyError(f"alignment needs {n_refusal} BeaverTails safe pairs but only {len(safe)} are available")
+        out = [{"instruction": r["instruction"], "input": "", "output": r["output"], "kind": "safe"}
+               for r in safe[:n_refusal]]
+    else:
+        pool = harmful_examples(cfg, "train")[cfg.offset():]
+        if n_refusal > len(pool):
+            raise FtsafetyError(f"alignment needs {n_refusal} harmful prompts but only {len(pool)} are available "
+                                f"after offset {cfg.offset()}")
+        out = [{"instruction": r["instruction"], "input": "",
+                "output": builtin_data.refusal(r["instruction"], r["category"]), "kind": "refusal"}
+               for r in pool[:n_refusal]]
     n_task = 0
     check_benign_task(benign_task)
     if benign_task != "none":

@@ -19,12 +19,16 @@ from typing import Annotated, Any, Callable, Optional
 KNOB_HELP = "help"
 KNOB_FLAGS = "flags"
 KNOB_CLI = "cli"
+KNOB_KEY_WHEN_SET = "key_when_set"
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
-         factory: Callable[[], Any] | None = None, cli: bool = True):
-    """A dataclass field with the metadata its command-line option is built from."""
-    meta = {KNOB_HELP: help, KNOB_FLAGS: tuple(flags), KNOB_CLI: cli}
+         factory: Callable[[], Any] | None = None, cli: bool = True, key_when_set: bool = False):
+    """A dataclass field with the metadata its command-line option is built from.
+
+    `key_when_set`: the field enters a stage's cache key (`config_key`) only when it differs from its
+    default, so a knob added later leaves the keys of stages that never set it, and their caches, alone."""
+    meta = {KNOB_HELP: help, KNOB_FLAGS: tuple(flags), KNOB_CLI: cli, KNOB_KEY_WHEN_SET: key_when_set}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -132,6 +136,19 @@ def command(body: Callable[..., Any], groups: list[Group], extra: list[inspect.P
     run.__annotations__ = {p.name: p.annotation for p in params}
     run.__doc__ = doc
     return run
+
+
+def config_key(obj) -> Any:
+    """`dataclasses.asdict(obj)`, recursively, without the `key_when_set` fields left at their default."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(KNOB_KEY_WHEN_SET) and f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        out[f.name] = config_key(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def option_names(cmd) -> list[str]:

@@ -57,23 +57,23 @@ def _fmt(x: float | None) -> str:
 
 
 def build_table(records: list[dict]) -> dict:
-    """Rows (methods in recipe order) x columns (HS and FA per p, plus their average)."""
+    """Rows (methods in recipe order) x columns (HS, FA and OR per p, plus their average)."""
     ratios = sorted({r["p"] for r in records})
     rows: dict[str, dict] = {}
     for rec in records:
         row = rows.setdefault(rec["row"], {"row": rec["row"], "methods": rec.get("methods", []), "hs": {}, "fa": {},
-                                           "hs_n": {}, "fa_n": {}, "paper_hs": {}, "paper_fa": {},
+                                           "or": {}, "hs_n": {}, "fa_n": {}, "or_n": {}, "paper_hs": {},
+                                           "paper_fa": {}, "paper_or": {},
                                            "note": rec["paper"].get("note", ""), "seconds": {}})
         p = f"{rec['p']:g}"
-        row["hs"][p] = rec["results"].get("hs")
-        row["fa"][p] = rec["results"].get("fa")
-        row["hs_n"][p] = rec["results"].get("hs_n")
-        row["fa_n"][p] = rec["results"].get("fa_n")
+        for m in METRICS:
+            row[m][p] = rec["results"].get(m)
+            row[f"{m}_n"][p] = rec["results"].get(f"{m}_n")
         row["paper_hs"][p] = rec["paper"].get("hs")
         row["paper_fa"][p] = rec["paper"].get("fa")
         row["seconds"][p] = sum(s.get("seconds") or 0 for s in rec["stages"])
     for row in rows.values():
-        for m in ("hs", "fa"):
+        for m in METRICS:
             vals = [v for v in row[m].values() if v is not None]
             row[f"{m}_avg"] = sum(vals) / len(vals) if len(vals) == len(ratios) else None
     _intervals_and_tests(rows)
@@ -84,6 +84,7 @@ def _count(rate: float | None, n: int | None) -> int | None:
     return None if rate is None or not n else round(rate * n / 100)
 
 
+METRICS = ("hs", "fa", "or")  # harmful score, fine-tune accuracy, over-refusal
 BASELINE, ALPHA = "SFT", 0.05  # each row is tested against the SFT row at the same p, two-sided, at 5%
 
 
@@ -92,7 +93,7 @@ def _intervals_and_tests(rows: dict[str, dict]) -> None:
     two-sided two-proportion test against the baseline row at the same p (significant below ALPHA)."""
     base = rows.get(BASELINE)
     for row in rows.values():
-        for m in ("hs", "fa"):
+        for m in METRICS:
             row[f"{m}_ci"], row[f"{m}_p_vs_sft"] = {}, {}
             for p, rate in row[m].items():
                 n = row[f"{m}_n"].get(p)
@@ -123,7 +124,8 @@ def _cell(row: dict, m: str, p: str) -> str:
 
 def markdown(table: dict, meta: dict) -> str:
     ps = table["ratios"]
-    head = ["Method"] + [f"HS p={p}" for p in ps] + ["HS avg"] + [f"FA p={p}" for p in ps] + ["FA avg"]
+    shown = [m for m in METRICS if any(r[m].get(p) is not None for r in table["rows"] for p in ps)]
+    head = ["Method"] + [h for m in shown for h in [f"{m.upper()} p={p}" for p in ps] + [f"{m.upper()} avg"]]
     lines = [f"# {meta['title']}", "",
              f"{meta['date']} · {meta['machine']} · model `{meta['model']}` · data `{meta['data']}` · "
              f"task {meta['task']} · judge `{meta['judge']}`", "",
@@ -131,16 +133,17 @@ def markdown(table: dict, meta: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in table["rows"]:
         cells = [row["row"]]
-        for m in ("hs", "fa"):
+        for m in shown:
             for p in ps:
                 ours, paper = _cell(row, m, p), row[f"paper_{m}"].get(p)
                 cells.append(ours if paper is None else f"{ours} ({paper:.1f})")
             cells.append(_fmt(row[f"{m}_avg"]))
         lines.append("| " + " | ".join(cells) + " |")
-    ns = sorted({f"HS n={r['hs_n'].get(p)}, FA n={r['fa_n'].get(p)}" for r in table["rows"] for p in ps
-                 if r["hs_n"].get(p) or r["fa_n"].get(p)})
+    ns = sorted({", ".join(f"{m.upper()} n={r[f'{m}_n'].get(p)}" for m in shown) for r in table["rows"] for p in ps
+                 if any(r[f"{m}_n"].get(p) for m in shown)})
     lines += ["", "HS: harmful score, % of held-out harmful prompts whose answer the judge flags (lower is better). "
               "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
+              + ("OR: over-refusal, % of benign instructions refused (lower is better). " if "or" in shown else "") +
               "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns. "
               "In brackets: the 95% Wilson interval of each rate"
               + (f" ({'; '.join(ns)})" if ns else "") + ". * : different from SFT at the same p "
@@ -160,12 +163,13 @@ def markdown(table: dict, meta: dict) -> str:
 def to_csv(table: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "p", "hs", "hs_n", "hs_ci_low", "hs_ci_high", "hs_p_vs_sft", "fa", "fa_n", "fa_ci_low",
-                "fa_ci_high", "fa_p_vs_sft", "paper_hs", "paper_fa", "pipeline_seconds"])
+    w.writerow(["method", "p", *(f"{m}{suffix}" for m in METRICS
+                                 for suffix in ("", "_n", "_ci_low", "_ci_high", "_p_vs_sft")),
+                "paper_hs", "paper_fa", "pipeline_seconds"])
     for row in table["rows"]:
         for p in table["ratios"]:
             cells = [row["row"], p]
-            for m in ("hs", "fa"):
+            for m in METRICS:
                 ci = row[f"{m}_ci"].get(p) or [None, None]
                 pv = row[f"{m}_p_vs_sft"].get(p)
                 cells += [row[m].get(p), row[f"{m}_n"].get(p), *ci, None if pv is None else round(pv, 4)]

@@ -20,12 +20,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftsafety.data import TASKS, DataConfig, check_benign_task
+from ftsafety.data import TASKS, DataConfig, check_alignment_data, check_benign_task
 from ftsafety.defenses import DEFENSES, TrainerSetup, for_stage
 from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.settings import EvalSettings
 from ftsafety.models import LoraSettings
-from ftsafety.options import knob
+from ftsafety.options import config_key, knob
 from ftsafety.train import TrainConfig
 
 NO_STAGE = "none"  # a stage left out of the pipeline
@@ -45,11 +45,10 @@ def _check(method: str, stage: str) -> None:
 
 
 def _resolved(st) -> dict:
-    """The keys that decide a stage's output: its own settings and only the chosen defense's knobs."""
+    """The keys that decide a stage's output: its own settings and only the chosen defense's knobs
+    (knobs added later enter only when set: `options.config_key`)."""
     names = {d.name for d in DEFENSES.values()}
-    return {f.name: (dataclasses.asdict(getattr(st, f.name)) if dataclasses.is_dataclass(getattr(st, f.name))
-                     else getattr(st, f.name))
-            for f in dataclasses.fields(st) if f.name not in names or f.name == st.method}
+    return {k: v for k, v in config_key(st).items() if k not in names or k == st.method}
 
 
 @dataclass
@@ -61,6 +60,9 @@ class AlignBase:
     benign_ratio: float = knob(0.5, "Share of benign instruction/answer pairs mixed in.")
     benign_task: str = knob("none", "none, or a task (sst2, ag_news, gsm8k) whose training rows (with an Input "
                                     "section) make half of the benign share.")
+    alignment_data: str = knob("refusals", "refusals: harmful prompts -> refusals written by ftsafety (Booster's "
+                                           "setting) | beavertails-safe: BeaverTails' is_safe pairs (Vaccine's "
+                                           "and Lisa's code)", key_when_set=True)
     train: TrainConfig = knob(factory=lambda: TrainConfig(epochs=2.0, lr=1e-3, scheduler="cosine", weight_decay=0.1))
     lora: LoraSettings = knob(factory=LoraSettings)
 
@@ -71,6 +73,7 @@ class AlignBase:
         if not 0.0 <= self.benign_ratio < 1.0:
             raise FtsafetyError(f"benign ratio must be in [0, 1), got {self.benign_ratio}")
         check_benign_task(self.benign_task)
+        check_alignment_data(self.alignment_data)
 
     resolved = _resolved
 
@@ -162,7 +165,7 @@ def _train(setup: TrainerSetup | None, **kw) -> dict:
 def _setup(st, c: Common) -> TrainerSetup | None:
     if st.method == NO_STAGE:
         raise FtsafetyError(f"{type(st).__name__.replace('Stage', '').lower()} method 'none' writes no stage")
-    return None if st.method == PLAIN else DEFENSES[st.method].setup(getattr(st, st.method), c)
+    return None if st.method == PLAIN else DEFENSES[st.method].setup(getattr(st, st.method), c, st)
 
 
 def _name(kind: str, method: str) -> str:
@@ -184,8 +187,8 @@ def align(st, parent: str, out: str | Path, c: Common, resume: bool = True) -> d
 
     return _training_stage(
         "align", st, parent, out, c, resume,
-        lambda: D.alignment_examples(c.data, st.n, st.benign_ratio, c.seed, st.benign_task),
-        {"benign_ratio": st.benign_ratio, "benign_task": st.benign_task})
+        lambda: D.alignment_examples(c.data, st.n, st.benign_ratio, c.seed, st.benign_task, st.alignment_data),
+        {"benign_ratio": st.benign_ratio, "benign_task": st.benign_task, "alignment_data": st.alignment_data})
 
 
 def finetune(st, parent: str, out: str | Path, c: Common, resume: bool = True) -> dict:

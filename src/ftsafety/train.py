@@ -51,6 +51,9 @@ class TrainConfig:
     weight_decay: float = knob(0.1, "AdamW weight decay.")
     seed: int = knob(42, cli=False)  # the command's --seed
     logging_steps: int = knob(5, cli=False)
+    report_to: str = knob("none", "Trainer integrations to log to: none | tensorboard | wandb | ... (comma-separated; "
+                                  "metrics.jsonl is always written). Logs go to the run directory's logs/.",
+                          key_when_set=True)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -95,7 +98,7 @@ def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, **ove
         optim="adamw_torch",
         logging_steps=cfg.logging_steps,
         save_strategy="no",
-        report_to="none",
+        report_to=[r.strip() for r in cfg.report_to.split(",")] if cfg.report_to != "none" else "none",
         disable_tqdm=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -276,6 +279,9 @@ def train_lora(
                     _adapter_from_trainer(fsdp_adapter, tmp / "adapter", model, lora)
                 if metrics.is_file():
                     shutil.copyfile(metrics, tmp / "metrics.jsonl")
+                tracked = Path(partial or scratch) / "runs"  # --report-to tensorboard writes here
+                if tracked.is_dir():
+                    shutil.copytree(tracked, tmp / "logs")
 
             summary = write_run(
                 final, config=config, results_file="train_results.json", files=files,

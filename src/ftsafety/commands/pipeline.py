@@ -37,8 +37,9 @@ def run(
         pipes = pipeline.select(pipes, only, recipe)
         typer.echo(pipeline.describe(pipes, runs))
         n = pipeline.check_data(pipes)
-        typer.echo(f"data: every stage's rows are there ({n} pipelines checked"
-                   + (f"; {len(pipes) - n} read the hub and were not)" if n < len(pipes) else ")"))
+        hub = len(pipes) - n
+        typer.echo((f"data: every stage's rows are there ({n} pipelines checked)" if n else "data:")
+                   + (f"{';' if n else ''} {hub} pipelines read the hub: not checked offline" if hub else ""))
         return
     rec, records = pipeline.execute(recipe, overrides or [], runs, quiet=quiet, only=only, echo=typer.echo)
     for r in records:

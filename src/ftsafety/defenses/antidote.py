@@ -90,7 +90,7 @@ class AntidoteConfig:
         default="qkv", metadata={"help": "linears scored with target=dense (original: q, k, v)"}
     )
     score: str = field(
-        default="wanda", metadata={"help": "wanda: |W| x input norm (the method) | random: the paper's random-"
+        default="wanda", metadata={"key_when_set": True, "help": "wanda: |W| x input norm (the method) | random: the paper's random-"
                                            "pruning baseline, the same number of weights per row chosen at random"}
     )
 

@@ -40,7 +40,7 @@ class TrainerSetup:
 
 @dataclass(frozen=True)
 class Defense:
-    """One defense. `setup(config, common)` -> TrainerSetup for the align and finetune stages;
+    """One defense. `setup(config, common, stage)` -> TrainerSetup for the align and finetune stages;
     `run(config, model, aligned, task, out, common)` -> summary for the post stage. `neutral` is the
     setting at which it reduces to the plain stage (the equivalence tests); `needs_aligned` says a
     post stage also reads the aligned model (its cache key then includes it)."""

@@ -60,6 +60,8 @@ from ftsafety.defenses.base import Defense, Paper, TrainerSetup
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
+HARMFUL_DATA = ("calibration", "paired")
+
 PAPER = Paper("Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation",
               "ICLR 2025", "2409.01586", "git-disl/Booster")
 
@@ -81,6 +83,12 @@ class BoosterConfig:
     perturb_at: str = field(
         default="attn", metadata={"help": "attn | layer: where the perturb-aware eps is added."}
     )
+    harmful_data: str = field(
+        default="calibration", metadata={
+            "key_when_set": True,
+            "help": "calibration: BeaverTails' calibration split (prompts disjoint from the alignment's) | "
+                    "paired: the alignment prompts themselves with their harmful answers (the original's "
+                    "RepNoise file pairs them so)"})
 
     def __post_init__(self):
         for name in ("lam", "alpha", "rho"):
@@ -91,6 +99,8 @@ class BoosterConfig:
             raise FtsafetyError(
                 f"unknown perturbation site {self.perturb_at!r}; choose one of {', '.join(PERTURB_AT)}"
             )
+        if self.harmful_data not in HARMFUL_DATA:
+            raise FtsafetyError(f"unknown harmful data {self.harmful_data!r}; choose one of {', '.join(HARMFUL_DATA)}")
 
 
 class CyclingBatches:
@@ -267,20 +277,30 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def harmful_dataset(data_cfg, tokenizer):
-    """The harmful calibration pairs (disjoint from the attack data), tokenised like the alignment set."""
+def harmful_dataset(data_cfg, tokenizer, examples: list[dict] | None = None):
+    """The harmful pairs Booster simulates its harmful step on, tokenised like the alignment set: by
+    default the calibration pairs (disjoint from the attack data)."""
     from ftsafety import data as D
 
-    return D.SFTDataset(D.harmful_examples(data_cfg, "calibration"), tokenizer, data_cfg)
+    examples = D.harmful_examples(data_cfg, "calibration") if examples is None else examples
+    return D.SFTDataset(examples, tokenizer, data_cfg)
 
 
-def _setup(cfg: BoosterConfig, common) -> TrainerSetup:
+def _setup(cfg: BoosterConfig, common, stage) -> TrainerSetup:
+    """`paired` takes the harmful answers of exactly the prompts being aligned: the harmful perturbation
+    is then simulated on the prompts whose refusals are being learned, as in Booster's own data."""
     from ftsafety import data as D
 
-    record = {"booster": dataclasses.asdict(cfg), "harmful_split": "calibration",
-              "n_harmful": len(D.harmful_examples(common.data, "calibration"))}
-    return TrainerSetup(BoosterTrainer, kwargs=dataclasses.asdict(cfg), record=record,
-                        kwargs_fn=lambda tokenizer, model: {"harmful_dataset": harmful_dataset(common.data, tokenizer)})
+    if cfg.harmful_data == "paired":
+        examples = D.alignment_prompt_rows(common.data, stage.n, stage.benign_ratio)
+    else:
+        examples = D.harmful_examples(common.data, "calibration")
+    record = {"booster": dataclasses.asdict(cfg), "harmful_split": "train" if cfg.harmful_data == "paired"
+              else "calibration", "n_harmful": len(examples)}
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "harmful_data"}
+    return TrainerSetup(BoosterTrainer, kwargs=kwargs, record=record,
+                        kwargs_fn=lambda tokenizer, model: {"harmful_dataset": harmful_dataset(common.data, tokenizer,
+                                                                                              examples)})
 
 
 DEFENSE = Defense(

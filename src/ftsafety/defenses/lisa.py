@@ -99,6 +99,10 @@ class LisaConfig:
         default="none",
         metadata={"help": "none, or the task whose rows make half of the benign pairs (as `align --benign-task`)."},
     )
+    align_data: str = field(
+        default="refusals", metadata={"key_when_set": True,
+                                      "help": "refusals | beavertails-safe (Lisa's guide data), as `align --alignment-data`."},
+    )
 
     def __post_init__(self):
         if self.alignment_steps < 0 or self.finetune_steps < 0:
@@ -123,9 +127,10 @@ class LisaConfig:
             raise FtsafetyError(f"--align-n must be >= 0, got {self.align_n}")
         if not 0.0 <= self.align_benign_ratio < 1.0:
             raise FtsafetyError(f"benign ratio must be in [0, 1), got {self.align_benign_ratio}")
-        from ftsafety.data import check_benign_task
+        from ftsafety.data import check_alignment_data, check_benign_task
 
         check_benign_task(self.align_benign_task)
+        check_alignment_data(self.align_data)
 
 
 class LisaTrainer(FtTrainer):
@@ -338,10 +343,11 @@ def _alignment_examples(cfg: LisaConfig, common) -> list[dict]:
 
     if not cfg.align_n:
         return []
-    return D.alignment_examples(common.data, cfg.align_n, cfg.align_benign_ratio, common.seed, cfg.align_benign_task)
+    return D.alignment_examples(common.data, cfg.align_n, cfg.align_benign_ratio, common.seed, cfg.align_benign_task,
+                                cfg.align_data)
 
 
-def _setup(cfg: LisaConfig, common) -> TrainerSetup:
+def _setup(cfg: LisaConfig, common, stage) -> TrainerSetup:
     """The alignment examples (built as `align` builds them) become Lisa's alignment state's data."""
     from ftsafety import data as D
 

@@ -125,7 +125,7 @@ class VaccineTrainer(FtTrainer):
         super().log(logs, start_time)
 
 
-def _setup(cfg: VaccineConfig, common) -> TrainerSetup:
+def _setup(cfg: VaccineConfig, common, stage) -> TrainerSetup:
     return TrainerSetup(VaccineTrainer, kwargs=dataclasses.asdict(cfg), record={"vaccine": dataclasses.asdict(cfg)})
 
 
