@@ -102,14 +102,14 @@ def resolve(spec: str) -> ModelSpec:
             try:
                 data = json.loads(manifest.read_text())
                 base = data["base_model"]
-                if data.get("base_relpath") and not Path(base).is_dir() and (path / data["base_relpath"]).is_dir():
-                    base = str((path / data["base_relpath"]).resolve())  # the run directory was moved
+                if data.get("base_relpath") and (path / data["base_relpath"]).is_dir():
+                    base = str((path / data["base_relpath"]).resolve())  # relative first: copied or moved runs
                 return ModelSpec(base=base, adapters=_resolve_adapters(path, data), source="run")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise FtsafetyError(f"{manifest}: not a valid ftsafety run manifest ({exc})") from exc
         if (path / "config.json").is_file():
             check_model_dir(path)
-            return ModelSpec(base=str(path), source="local")
+            return ModelSpec(base=str(path.resolve()), source="local")  # stored resolved: runs load from anywhere
         raise FtsafetyError(
             f"{spec}: directory holds neither a model (config.json) nor an ftsafety run ({RUN_MANIFEST})"
         )
@@ -122,13 +122,15 @@ def resolve(spec: str) -> ModelSpec:
 
 
 def _resolve_adapters(run_dir: Path, data: dict) -> list[str]:
+    """The adapter chain of a run, each found relative to the run directory first (a copied or moved
+    runs tree loads its own adapters, not the ones it was copied from), else by its absolute path."""
     out = []
     for entry in data.get("adapters", []):
         absolute, relative = Path(entry["path"]), run_dir / entry.get("relpath", "")
-        if absolute.is_dir():
-            out.append(str(absolute))
-        elif entry.get("relpath") and relative.is_dir():
+        if entry.get("relpath") and relative.is_dir():
             out.append(str(relative.resolve()))
+        elif absolute.is_dir():
+            out.append(str(absolute))
         else:
             raise FtsafetyError(f"{run_dir}: adapter {entry['path']} listed in {RUN_MANIFEST} is missing")
         check_adapter_files(out[-1])  # before any model is loaded
@@ -419,4 +421,7 @@ def run_manifest(parent: ModelSpec, adapter_dir: Path, final_run_dir: Path, extr
         for a in parent.adapters
     ]
     chain.append({"path": str((final_run_dir / adapter_dir.name).resolve()), "relpath": adapter_dir.name})
-    return {"base_model": parent.base, "adapters": chain, **extra}
+    manifest = {"base_model": parent.base, "adapters": chain, **extra}
+    if parent.source in ("local", "run") and Path(parent.base).is_dir():  # a model directory: relocatable too
+        manifest["base_relpath"] = os.path.relpath(Path(parent.base).resolve(), final_run_dir.resolve())
+    return manifest

@@ -30,6 +30,7 @@ from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
     _json_default,
     atomic_write_text,
+    check_not_input,
     check_writable_dir,
     resolve_device,
     scrub,
@@ -201,6 +202,7 @@ def train_lora(
     if resume and checkpoint_every == 0:
         raise FtsafetyError("resume needs checkpoints, and checkpoint_every=0 turns them off")
     spec = models.resolve(parent)
+    check_not_input(final, [parent, spec.base, *spec.adapters])
     world = distributed.init(resolve_device(device)) if distributed.launched() else 1
     config = {
         "stage": stage, "parent": parent, "parent_resolved": dataclasses.asdict(spec), "data": dataclasses.asdict(data_cfg),

@@ -267,6 +267,22 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_not_input(out: str | os.PathLike, inputs) -> None:
+    """Refuse, in one line, an output directory that is (or holds) one of the run's inputs: the atomic
+    rename would replace the model or adapter the run reads (and a manifest would list itself)."""
+    out_r = Path(os.path.realpath(out))
+    for item in inputs:
+        if not item:
+            continue
+        p = Path(str(item)).expanduser()
+        if not p.exists():
+            continue
+        p_r = Path(os.path.realpath(p))
+        if p_r == out_r or out_r in p_r.parents:
+            raise FtsafetyError(f"--out {out} is where this run's input {item} lives: writing the run there would "
+                                "replace it; choose another --out")
+
+
 # Files that mark a directory as an ftsafety run (training/defense stages, evaluate), which a
 # new run may replace; any other non-empty directory is refused rather than overwritten.
 RUN_MARKERS = ("ftsafety_run.json", "results.json")
@@ -278,8 +294,17 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     The run is written to a sibling temporary directory and renamed over `path` at the end, so `path`
     may be missing, an empty directory or an earlier ftsafety run; a non-empty directory of anything
     else is refused (it would be deleted). Writability is probed with a real (removed) directory,
-    since os.access says yes to root even on read-only or virtual file systems."""
+    since os.access says yes to root even on read-only or virtual file systems.
+
+    A symlink is written through: the run goes to its target (returned), and the link stays."""
     path = Path(path)
+    if not str(path).strip():
+        raise FtsafetyError("--out is empty; give the run directory to write")
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.parent.is_dir():
+            raise FtsafetyError(f"output path {path} is a symlink to {target}, whose folder does not exist")
+        path = target
     if path.exists() and not path.is_dir():
         raise FtsafetyError(f"output path {path} exists and is not a directory")
     if path.is_dir():

@@ -56,7 +56,7 @@ from ftsafety.defenses.base import Defense, Paper
 from ftsafety.rundir import write_run
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import (
-    check_writable_dir, resolve_device, seed_everything,
+    check_not_input, check_writable_dir, resolve_device, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,7 @@ def run_antidote(
     if distributed.launched():
         distributed.init(dev)
     spec = models.resolve(model)
+    check_not_input(out_dir, [model, spec.base, *spec.adapters])
     if cfg.target == "lora" and not spec.adapters:
         raise FtsafetyError(
             f"{model} has no LoRA adapter to prune; pass a fine-tuning run directory or use --target dense"

@@ -447,10 +447,13 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
     from ftsafety import data as D
     from ftsafety import models
     from ftsafety.rundir import write_run
-    from ftsafety.utils import check_writable_dir, resolve_device, seed_everything
+    from ftsafety.utils import check_not_input, check_writable_dir, resolve_device, seed_everything
 
     t0 = time.perf_counter()
     out_dir = check_writable_dir(out_dir)
+    for given in (model, aligned):
+        spec = models.resolve(given)
+        check_not_input(out_dir, [given, spec.base, *spec.adapters])
     seed_everything(seed)
     dev = resolve_device(device)
     val = validation_examples(dcfg, task, val_n, model)

@@ -18,7 +18,7 @@ from ftsafety.evaluation.generate import generate_with_counts
 from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal
 from ftsafety.evaluation.tasks import is_correct
 from ftsafety.rundir import write_run
-from ftsafety.utils import check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
+from ftsafety.utils import check_not_input, check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,10 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     the generation batches (the batches of a one-process run, so the same texts), the texts are
     gathered back in order, the main process judges and writes, and every process returns its results."""
     if out_dir is not None:
-        check_writable_dir(out_dir)
+        out_dir = check_writable_dir(out_dir)
+        if model is None:
+            spec = models.resolve(cfg.model)
+            check_not_input(out_dir, [cfg.model, spec.base, *spec.adapters])
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
     if distributed.launched():
