@@ -108,6 +108,7 @@ class Case:
     args: Args
     expect: str  # a substring of the single `error:` line
     skip: Callable[[], str | None] | None = None  # returns a reason to skip on this machine, or None
+    env: dict | None = None  # environment variables set for the command
 
 
 def _edit_manifest(**changes):
@@ -310,7 +311,7 @@ CASES: dict[str, Case] = {
         str(Path(i.file("ev/results.json", '[1, 2]')).parent)], "not an evaluation result"),
     "align: unknown scheduler": Case("align", (*ALIGN, "--scheduler", "bogus"), "unknown scheduler 'bogus'"),
     "finetune: negative weight decay": Case("finetune", (*FT, "--weight-decay", "-1"), "weight decay must be >= 0"),
-    "align-vaccine: negative seed": Case("align-vaccine", (*ALIGN, "--seed", "-1"), "seed must be >= 0"),
+    "align-vaccine: negative seed": Case("align-vaccine", (*ALIGN, "--seed", "-1"), "seed must be in [0, 2**32)"),
     # -- run (recipes) -------------------------------------------------------------------------------
     "run: recipe file missing": Case("run", lambda i: [str(i.path("no.yaml")), *_RUNS(i)],
                                      "recipe file does not exist"),
@@ -339,6 +340,32 @@ CASES: dict[str, Case] = {
     "run: --only names no row": Case("run", lambda i: [
         i.file("r.yaml", "name: x\nmodel: tiny-opt\ntable: {rows: [{name: a}]}\n"), "--only", "b", *_RUNS(i)],
         "no row named 'b'"),
+    # -- issue 19: accepted before, or a raw exception -----------------------------------------------
+    "align: --epochs nan": Case("align", (*ALIGN[:-5], "--epochs", "nan", "--batch-size", "2", "-q"),
+                                "epochs must be a finite number"),
+    "align: --epochs inf": Case("align", (*ALIGN[:-5], "--epochs", "inf", "--batch-size", "2", "-q"),
+                                "epochs must be a finite number"),
+    "align: seed above 2**64": Case("align", (*ALIGN, "--seed", "18446744073709551616"), "seed must be in [0, 2**32)"),
+    "evaluate: seed above 2**32": Case("evaluate", ("--model", "tiny-opt", *EVAL, "--seed", "4294967296"),
+                                       "seed must be in [0, 2**32)"),
+    "align: WORLD_SIZE=abc": Case("align", ALIGN, "WORLD_SIZE='abc' is not an integer", env={"WORLD_SIZE": "abc"}),
+    "align: LOCAL_RANK=x": Case("align", ALIGN, "LOCAL_RANK='x' is not an integer",
+                                env={"WORLD_SIZE": "2", "LOCAL_RANK": "x"}),
+    "data: empty harmful prompt": Case("align", lambda i: [*ALIGN, "--data", i.data_with({
+        "beavertails/harmful_train.jsonl": jsonl([{"prompt": "   ", "response": "r", "category": "x"}] * 600)})],
+        "field 'prompt' is empty"),
+    "data: empty eval prompt": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--data", i.data_with({"beavertails/eval_prompts.jsonl": jsonl(
+            [{"prompt": "", "category": "x"}] * 3)})], "field 'prompt' is empty"),
+    "data: empty SST-2 sentence": Case("finetune", lambda i: [*FT, "--data", i.data_with({
+        "sst2/train.jsonl": jsonl([{"sentence": " ", "label": 1}] * 300)})], "field 'sentence' is empty"),
+    "data: a list as a category": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--data", i.data_with({"beavertails/eval_prompts.jsonl": jsonl(
+            [{"prompt": "p", "category": ["a", 1]}] * 3)})], "field 'category' must be a string"),
+    "run: duplicate key in a recipe": Case("run", lambda i: [
+        i.file("r.yaml", "name: x\nalign: {n: 3}\nalign: {n: 4}\n"), *_RUNS(i)], "duplicate key 'align'"),
+    "run: override with an empty key part": Case("run", lambda i: [i.file("r.yaml", "name: x\n"), "align..n=3",
+                                                                   *_RUNS(i)], "empty key part"),
     # -- report -------------------------------------------------------------------------------------
     "report: not a runs directory": Case("report", lambda i: [i.dir("empty")], "no pipelines/ directory"),
     "report: broken pipeline record": Case("report", lambda i: [
@@ -416,8 +443,10 @@ _ran: list[str] = []
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, inputs, tmp_path, cli):
+def test_bad_input(name, inputs, tmp_path, cli, monkeypatch):
     case = CASES[name]
+    for key, value in (case.env or {}).items():
+        monkeypatch.setenv(key, value)
     reason = case.skip() if case.skip is not None else None
     if reason:
         pytest.skip(reason)
@@ -479,3 +508,13 @@ def test_zz_report_case_count(capsys):
     """Last in the file: says how many bad-input cases there are and how many ran in this session."""
     with capsys.disabled():
         print(f"\nbad-input cases: {len(CASES)} (ran {len(_ran)} in this session)")
+
+
+def test_bogus_log_level_is_one_line(cli, monkeypatch):
+    """FTSAFETY_LOG_LEVEL=BOGUS (issue 19): one designed line, before anything loads."""
+    from ftsafety.console import setup_logging
+    from ftsafety.errors import FtsafetyError
+
+    monkeypatch.setenv("FTSAFETY_LOG_LEVEL", "BOGUS")
+    with pytest.raises(FtsafetyError, match="FTSAFETY_LOG_LEVEL='BOGUS': choose one of DEBUG"):
+        setup_logging()

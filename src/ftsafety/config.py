@@ -21,6 +21,20 @@ import yaml
 from ftsafety.errors import FtsafetyError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key once per section)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     """A YAML file whose top level is a mapping; one-line errors for missing, empty or malformed files."""
     p = Path(path)
@@ -31,7 +45,7 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise FtsafetyError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -70,9 +84,9 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "override") -
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = [p for p in key.split(".") if p]
-    if not parts:
-        raise FtsafetyError(f"empty key in override {key!r}")
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        raise FtsafetyError(f"override {key!r}: empty key part (write section.key=value, e.g. align.n=300)")
     node = data
     for p in parts[:-1]:
         nxt = node.get(p)

@@ -16,12 +16,20 @@ from transformers import TrainerCallback
 console = Console(stderr=True)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     level = os.environ.get("FTSAFETY_LOG_LEVEL") or ("DEBUG" if verbose else "WARNING" if quiet else "INFO")
+    if level.upper() not in LEVELS:
+        from ftsafety.errors import FtsafetyError
+
+        raise FtsafetyError(f"FTSAFETY_LOG_LEVEL={level!r}: choose one of {', '.join(LEVELS)}")
+    level = level.upper()
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True
     )

@@ -231,7 +231,7 @@ def task_examples(cfg: DataConfig, task: str, split: str, n: int | None = None) 
 def harmful_examples(cfg: DataConfig, split: str = "train") -> list[dict]:
     """(harmful prompt, harmful response) pairs: attack data (train) or calibration data."""
     return _checked(cfg, "beavertails", split, rows(cfg, "beavertails", split), lambda r: {
-        "instruction": text_field(r, "prompt").strip(), "input": "", "output": text_field(r, "response").strip(),
+        "instruction": _prompt(r), "input": "", "output": text_field(r, "response").strip(),
         "category": _category(r)})
 
 
@@ -246,7 +246,7 @@ def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
     raw = rows(cfg, "beavertails", "eval")
     raw = raw[:n] if n else raw
     return _checked(cfg, "beavertails", "eval", raw,
-                    lambda r: {"prompt": text_field(r, "prompt").strip(), "category": _category(r)})
+                    lambda r: {"prompt": _prompt(r), "category": _category(r)})
 
 
 def benign_eval_instructions(n: int | None = None) -> list[dict]:
@@ -259,7 +259,16 @@ def _category(row: dict) -> str:
     cat = row.get("category")
     if isinstance(cat, dict):
         return next((k for k, v in cat.items() if v), "unknown")
-    return str(cat) if cat else "unknown"
+    if cat is not None and not isinstance(cat, str):
+        raise ValueError(f"field 'category' must be a string or a mapping of booleans, got {type(cat).__name__}")
+    return cat or "unknown"
+
+
+def _prompt(row: dict, name: str = "prompt") -> str:
+    text = text_field(row, name).strip()
+    if not text:
+        raise ValueError(f"field {name!r} is empty")
+    return text
 
 
 def check_alignment_data(source: str) -> None:

@@ -31,10 +31,27 @@ _OBJECT_GROUP = None
 
 def launched() -> bool:
     """True when this process is one of several started by torchrun / accelerate launch (WORLD_SIZE > 1)."""
+    many = env_int("WORLD_SIZE", 1) > 1
+    if many:  # the launcher's other variables, checked before anything uses them
+        env_int("LOCAL_RANK", 0)
+        env_int("RANK", 0)
+    return many
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable set by a launcher; anything else is a one-line error (before any
+    loading or training), not a silent single-process run or a raw ValueError."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
     try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+        value = int(raw)
     except ValueError:
-        return False
+        raise FtsafetyError(f"environment variable {name}={raw!r} is not an integer (unset it, or start the "
+                            "command with torchrun / accelerate launch)") from None
+    if value < 0:
+        raise FtsafetyError(f"environment variable {name}={raw!r} must be >= 0")
+    return value
 
 
 def active() -> bool:
@@ -58,10 +75,7 @@ def rank() -> int:
 
 def local_rank() -> int:
     """This process's index on its machine (its GPU), 0 in a single process."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0") or 0) if launched() else 0
-    except ValueError:
-        return 0
+    return env_int("LOCAL_RANK", 0) if launched() else 0
 
 
 def is_main() -> bool:

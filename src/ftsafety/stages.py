@@ -150,6 +150,10 @@ class Common:
                                    flags=("--trust-remote-code",))
     quiet: bool = knob(False, "No progress bars.", flags=("--quiet", "-q"))
 
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise FtsafetyError(f"seed must be in [0, 2**32), got {self.seed}")
+
 
 def _train(setup: TrainerSetup | None, **kw) -> dict:
     from ftsafety.train import partial_dir, train_lora

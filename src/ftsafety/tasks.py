@@ -27,6 +27,14 @@ def text_field(row: dict, name: str) -> str:
     return value
 
 
+def nonempty_field(row: dict, name: str) -> str:
+    """A text field with something in it (an empty prompt trains and scores nothing)."""
+    text = text_field(row, name).strip()
+    if not text:
+        raise ValueError(f"field {name!r} is empty")
+    return text
+
+
 def label_field(row: dict, n_labels: int) -> int:
     if "label" not in row:
         raise ValueError("missing field 'label'")
@@ -61,7 +69,7 @@ SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positiv
 
 def _sst2_example(row: dict) -> dict:
     label = "positive" if label_field(row, 2) == 1 else "negative"
-    return {"instruction": SST2_INSTRUCTION, "input": text_field(row, "sentence").strip(), "output": label,
+    return {"instruction": SST2_INSTRUCTION, "input": nonempty_field(row, "sentence"), "output": label,
             "gold": label}
 
 
@@ -82,7 +90,7 @@ _AG_KEYS = {"World": ("World", "world"), "Sports": ("Sports", "sports"), "Busine
 
 def _ag_news_example(row: dict) -> dict:
     label = AG_NEWS_LABELS[label_field(row, len(AG_NEWS_LABELS))]
-    return {"instruction": AG_NEWS_INSTRUCTION, "input": text_field(row, "text").strip(), "output": label,
+    return {"instruction": AG_NEWS_INSTRUCTION, "input": nonempty_field(row, "text"), "output": label,
             "gold": label}
 
 
@@ -107,7 +115,7 @@ def extract_number(text: str) -> float | None:
 
 
 def _gsm8k_example(row: dict) -> dict:
-    question = text_field(row, "question")
+    question = nonempty_field(row, "question")
     answer = text_field(row, "answer")
     return {"instruction": question.strip() + GSM8K_SUFFIX, "input": "",
             "output": answer.replace("####", "The final answer is: "),

@@ -61,14 +61,16 @@ class TrainConfig:
             raise FtsafetyError("batch size and gradient accumulation must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FtsafetyError(f"learning rate must be a positive number, got {self.lr}")
+        if not math.isfinite(self.epochs):
+            raise FtsafetyError(f"epochs must be a finite number, got {self.epochs}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise FtsafetyError("give epochs > 0 or max steps > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise FtsafetyError(f"warmup ratio must be in [0, 1), got {self.warmup_ratio}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FtsafetyError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.seed < 0:
-            raise FtsafetyError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise FtsafetyError(f"seed must be in [0, 2**32), got {self.seed}")
         from transformers.trainer_utils import SchedulerType
 
         names = [t.value for t in SchedulerType]
