@@ -3,6 +3,8 @@ hand, gradient accumulation survives, and the CLI commands write runs that `fine
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -403,10 +405,9 @@ def test_cli_commands_take_every_align_option_with_its_default():
         return {p.name: (tuple(p.opts), p.default) for p in cmd.commands[name].params}
 
     align = options("align")
-    for name, own in (
-        ("align-vaccine", {"rho", "perturb_at"}),
-        ("align-booster", {"lam", "alpha", "perturb_aware", "rho", "perturb_at"}),  # perturb_at: had no option before the registry
-    ):
-        opts = options(name)
+    from ftsafety.defenses import for_stage
+
+    for d in for_stage("align"):  # every align option, same default; plus exactly the defense's own knobs
+        opts = options(d.command)
         assert {k: opts.get(k) for k in align} == align
-        assert set(opts) - set(align) == own
+        assert set(opts) - set(align) == {f.name for f in dataclasses.fields(d.config_cls)}
