@@ -169,3 +169,21 @@ def test_data_needs_checked_before_anything_runs(tmp_path, cli, tiny_data_dir):
             assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (override, r.stderr)
             assert "row 'smoke-tiny-llama'" in r.stderr or "p=" in r.stderr
     assert not (tmp_path / "runs" / "stages").exists()
+
+
+def test_secrets_in_a_recipe_are_redacted_in_every_file_written(tmp_path, cli):
+    """A token-shaped value in a recipe's description, in the file and as an override (issue 19), reaches
+    neither the pipeline's recipe.yaml nor table.md / table.csv / table.json."""
+    recipe = tmp_path / "r.yaml"
+    text = (RECIPES / "smoke" / "tiny-opt.yaml").read_text()
+    recipe.write_text(text.replace("name: smoke-tiny-opt", "name: smoke-tiny-opt\ndescription: key hf_abcdefghijklmnopqrstuvwxyz0123"))
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    r = cli("run", str(recipe), "table.ratios=[0]", "description=sk-abcdefghijklmnopqrstuvwxyz012345", "--runs",
+            str(runs), "--results", str(results), "-q")
+    assert r.returncode == 0, r.stderr
+    written = [p for p in [*runs.rglob("*"), *results.rglob("*")] if p.is_file() and p.suffix in
+               (".yaml", ".json", ".jsonl", ".md", ".csv")]
+    assert any(p.name == "recipe.yaml" for p in written) and any(p.name == "table.md" for p in written)
+    for p in written:
+        body = p.read_text(errors="replace")
+        assert "hf_abcdefghij" not in body and "sk-abcdefghij" not in body, p

@@ -209,8 +209,11 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that it appears complete or not at all."""
+    """Write a file so that it appears complete or not at all, token-shaped secrets (hf_..., sk-...)
+    redacted: every file ftsafety writes goes through here (JSON, YAML and JSONL are scrubbed by key as
+    well, before they are serialised)."""
     path = Path(path)
+    text = _SECRET_VALUE.sub(REDACTED, text)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
