@@ -110,3 +110,32 @@ def test_lock_pins_every_requirement():
             continue
         name = re.split(r"[<>=!~; \[]", req, maxsplit=1)[0]
         assert re.sub(r"[-_.]+", "-", name).lower() in locked, f"{name} is not in the lock"
+
+
+def test_bare_command_and_short_help(cli):
+    """Bare `ftsafety` prints the help and exits 0 (no error line); -h is --help (issue 19)."""
+    r = cli()
+    assert r.returncode == 0 and "Usage" in r.stdout and r.stderr.strip() == ""
+    for args in (("-h",), ("align", "-h")):
+        r = cli(*args)
+        assert r.returncode == 0 and "Usage" in r.stdout, args
+
+
+def test_evaluate_takes_trust_remote_code(cli, monkeypatch, tiny_data_dir, tmp_path):
+    """A model aligned with --trust-remote-code can be evaluated with it (issue 19): the flag reaches the
+    loader (off by default)."""
+    from ftsafety import models
+
+    seen = []
+    real = models.load
+
+    def spy(spec, *a, **kw):
+        seen.append(kw.get("trust_remote_code"))
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(models, "load", spy)
+    base = ("evaluate", "--model", "tiny-opt", "--data", str(tiny_data_dir), "--hs-limit", "1", "--fa-limit", "0",
+            "--or-limit", "0", "--max-new-tokens", "2", "-q")
+    assert cli(*base, "--out", str(tmp_path / "a")).returncode == 0
+    assert cli(*base, "--trust-remote-code", "--out", str(tmp_path / "b")).returncode == 0
+    assert seen == [False, True]

@@ -18,6 +18,7 @@ from ftsafety.errors import FtsafetyError
 app = typer.Typer(
     name="ftsafety", help="Defenses against harmful fine-tuning of LLMs, one pipeline and one evaluator.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -116,6 +117,8 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(getattr(exc, "exit_code", 0))
     except Exception as exc:  # usage errors (typer's own click) and unexpected failures
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ftsafety` (or a bare group): the help was printed
+            sys.exit(0)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # bad option value, unknown option
             ctx = getattr(exc, "ctx", None)
             where = f" ({ctx.command_path})" if ctx is not None else ""

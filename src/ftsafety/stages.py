@@ -215,5 +215,6 @@ def post(st, model: str, aligned: str, task: str, out: str | Path, c: Common) ->
 def evaluate(st: EvalSettings, model: str, task: str, out: str | Path, c: Common) -> dict:
     from ftsafety.evaluation.evaluate import EvalConfig, evaluate as run_eval
 
-    cfg = EvalConfig(**dataclasses.asdict(st), model=model, data=c.data, task=task, device=c.device, seed=c.seed)
+    cfg = EvalConfig(**dataclasses.asdict(st), model=model, data=c.data, task=task, device=c.device, seed=c.seed,
+                     trust_remote_code=c.trust_remote_code)
     return run_eval(cfg, out, quiet=c.quiet)

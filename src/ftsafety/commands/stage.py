@@ -127,12 +127,12 @@ def _evaluate_command():
         _setup_logging(values)
         c = cfg["common"]
         ecfg = EvalConfig(**dataclasses.asdict(cfg["eval"]), model=values["model"], data=c.data,
-                          task=values["task"], device=c.device, seed=c.seed)
+                          task=values["task"], device=c.device, seed=c.seed, trust_remote_code=c.trust_remote_code)
         out = values["out"] or default_out("evaluate")
         run_eval(ecfg, out, quiet=c.quiet)
         typer.echo(f"results written to {out}/results.json")
 
-    groups = [Group("eval", EvalSettings), _common_group(data_skip=("max_length",), skip=("trust_remote_code",))]
+    groups = [Group("eval", EvalSettings), _common_group(data_skip=("max_length",))]
     return command(body, groups, extra,
                    "Harmful score (HS, HS+), fine-tune accuracy (FA) and over-refusal (OR) of a model or run.")
 

@@ -32,6 +32,7 @@ class EvalConfig(EvalSettings):
     task: str = "sst2"  # sst2 | ag_news | gsm8k | none
     device: str = "auto"
     seed: int = 42
+    trust_remote_code: bool = False  # a model aligned with --trust-remote-code is evaluated with it
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,7 +97,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     or_items = D.benign_eval_instructions(cfg.or_limit) if cfg.or_limit else []
     t_start = time.perf_counter()
     if model is None:
-        model, tokenizer, _ = models.load(cfg.model, device=dev)
+        model, tokenizer, _ = models.load(cfg.model, device=dev, trust_remote_code=cfg.trust_remote_code)
     samples: list[dict] = []
     results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed}
     timings: dict[str, float] = {}
