@@ -187,3 +187,13 @@ def test_secrets_in_a_recipe_are_redacted_in_every_file_written(tmp_path, cli):
     for p in written:
         body = p.read_text(errors="replace")
         assert "hf_abcdefghij" not in body and "sk-abcdefghij" not in body, p
+
+
+def test_recipe_numbers_as_people_write_them(tmp_path):
+    """`lr: 1e-3` (which YAML 1.1 reads as a string) is a number in a recipe (issue 19)."""
+    from ftsafety import pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nalign: {train: {lr: 1e-3}}\nfinetune: {train: {lr: 5E-5}}\n")
+    r, _ = pipeline.pipelines(recipe)
+    assert r.align.train.lr == 1e-3 and r.finetune.train.lr == 5e-5

@@ -159,6 +159,8 @@ def _convert(tp, value, key: str, source: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as text
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value

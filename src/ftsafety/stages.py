@@ -56,7 +56,8 @@ class AlignBase:
     """The alignment stage: SFT on (harmful prompt, refusal) pairs plus a benign share, or a defense."""
 
     method: str = knob(PLAIN, "none | sft | an alignment-stage defense.", cli=False)
-    n: int = knob(300, "Alignment examples (harmful prompt -> refusal, plus benign).", flags=("--n",))
+    n: int = knob(300, "Alignment examples (harmful prompt -> refusal, plus benign). The built-in data holds "
+                       "494 benign pairs, so n x benign-ratio <= 494 there.", flags=("--n",))
     benign_ratio: float = knob(0.5, "Share of benign instruction/answer pairs mixed in.")
     benign_task: str = knob("none", "none, or a task (sst2, ag_news, gsm8k) whose training rows (with an Input "
                                     "section) make half of the benign share.")
