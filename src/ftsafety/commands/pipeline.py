@@ -65,7 +65,7 @@ def report(
     """Rebuild the results table (Markdown, CSV, JSON) and the HS-vs-FA plot from run directories."""
     from ftsafety.report import write_report
 
-    rep = write_report(runs_dir, out, recipe)
+    rep = write_report(runs_dir, out, recipe, command=" ".join(["ftsafety", *map(shlex.quote, sys.argv[1:])]))
     typer.echo((Path(rep["out"]) / "table.md").read_text())
     typer.echo(f"wrote {rep['out']}/table.md, table.csv, table.json, hs_fa.png")
 
