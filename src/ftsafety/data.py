@@ -22,7 +22,7 @@ import torch
 from ftsafety import builtin_data
 from ftsafety.errors import DataError, FtsafetyError
 from ftsafety.options import knob
-from ftsafety.tasks import AG_NEWS_LABELS, SST2_INSTRUCTION, text_field  # noqa: F401  (re-exported)
+from ftsafety.tasks import AG_NEWS_LABELS, SST2_INSTRUCTION, nonempty_field, text_field  # noqa: F401
 from ftsafety.tasks import TASKS as TASK_DEFS
 
 TASKS = tuple(TASK_DEFS)
@@ -231,7 +231,7 @@ def task_examples(cfg: DataConfig, task: str, split: str, n: int | None = None) 
 def harmful_examples(cfg: DataConfig, split: str = "train") -> list[dict]:
     """(harmful prompt, harmful response) pairs: attack data (train) or calibration data."""
     return _checked(cfg, "beavertails", split, rows(cfg, "beavertails", split), lambda r: {
-        "instruction": _prompt(r), "input": "", "output": text_field(r, "response").strip(),
+        "instruction": nonempty_field(r, "prompt"), "input": "", "output": text_field(r, "response").strip(),
         "category": _category(r)})
 
 
@@ -246,7 +246,7 @@ def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
     raw = rows(cfg, "beavertails", "eval")
     raw = raw[:n] if n else raw
     return _checked(cfg, "beavertails", "eval", raw,
-                    lambda r: {"prompt": _prompt(r), "category": _category(r)})
+                    lambda r: {"prompt": nonempty_field(r, "prompt"), "category": _category(r)})
 
 
 def benign_eval_instructions(n: int | None = None) -> list[dict]:
@@ -264,11 +264,10 @@ def _category(row: dict) -> str:
     return cat or "unknown"
 
 
-def _prompt(row: dict, name: str = "prompt") -> str:
-    text = text_field(row, name).strip()
-    if not text:
-        raise ValueError(f"field {name!r} is empty")
-    return text
+def check_rows(what: str, need: int, have: int) -> None:
+    """One line when a stage asks for more rows than its data has (`ftsafety run` checks before training)."""
+    if need > have:
+        raise FtsafetyError(f"{what} asks for {need} rows but the data has {have}")
 
 
 def check_alignment_data(source: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Optional
@@ -70,7 +71,7 @@ class Group:
 def _option_type(tp):
     """The type typer parses: `int | None` becomes Optional[int]; other unions are not options."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return Optional[inner[0]] if len(inner) == 1 else str
     return tp
@@ -149,8 +150,3 @@ def config_key(obj) -> Any:
             continue
         out[f.name] = config_key(value) if dataclasses.is_dataclass(value) else value
     return out
-
-
-def option_names(cmd) -> list[str]:
-    """The parameter names of a generated command (for tests and docs)."""
-    return list(inspect.signature(cmd).parameters)

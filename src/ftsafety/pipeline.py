@@ -246,10 +246,7 @@ def check_data(pipes: list[Pipeline]) -> int:
 def _check_pipeline_data(r: Recipe, c: S.Common) -> None:
     from ftsafety import data as D
 
-    def need(what: str, n: int, have: int) -> None:
-        if n > have:
-            raise FtsafetyError(f"{what} asks for {n} rows but the data has {have}")
-
+    need = D.check_rows
     for kind in ("align", "finetune"):
         st = getattr(r, kind)
         if st.method == S.NO_STAGE:

@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from ftsafety import stages
+from ftsafety.commands.common import _setup
 from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES, Defense, for_stage
 from ftsafety.errors import FtsafetyError
@@ -55,9 +56,7 @@ def default_out(command_name: str, resume: bool = False) -> Path:
 
 
 def _setup_logging(values: dict) -> None:
-    from ftsafety.console import setup_logging
-
-    setup_logging(values.get("verbose", False), values.get("quiet", False))
+    _setup(values.get("verbose", False), values.get("quiet", False))
 
 
 def _common_group(data_skip: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> Group:

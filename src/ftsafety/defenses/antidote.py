@@ -455,11 +455,6 @@ def run_antidote(
     return summary
 
 
-def _check_rows(what: str, need: int, have: int) -> None:
-    if need > have:
-        raise FtsafetyError(f"{what} asks for {need} rows but the data has {have}")
-
-
 def _run(cfg: AntidoteConfig, model: str, aligned: str, task: str, out, common) -> dict:
     return run_antidote(cfg, model, common.data, out, device=common.device, seed=common.seed,
                         trust_remote_code=common.trust_remote_code, quiet=common.quiet)
@@ -469,7 +464,7 @@ DEFENSE = Defense(
     name="antidote", stage="post", command="prune-antidote", config_cls=AntidoteConfig, paper=PAPER,
     summary="Zero the weights with the highest Wanda score on harmful data, after fine-tuning.",
     neutral={"ratio": 0.0}, run=_run,
-    check_data=lambda cfg, common, task: _check_rows(
+    check_data=lambda cfg, common, task: D.check_rows(
         "antidote.calibration_n", cfg.calibration_n, len(D.harmful_examples(common.data, "calibration"))),
     done_line=lambda s, out: (
         f"prune-antidote: zeroed {s['zeroed']} of {s['numel']} weights ({100 * s['zeroed_fraction']:.2f}%) "

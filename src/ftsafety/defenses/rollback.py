@@ -519,9 +519,7 @@ def _run_stage(cfg: RollbackConfig, model: str, aligned: str, task: str, out, co
 def _check_data(cfg: RollbackConfig, common, task: str) -> None:
     from ftsafety import data as D
 
-    have = len(D.task_examples(common.data, task, "train"))
-    if cfg.val_n > have:
-        raise FtsafetyError(f"rollback.val_n asks for {cfg.val_n} {task} rows but the data has {have}")
+    D.check_rows(f"rollback.val_n ({task})", cfg.val_n, len(D.task_examples(common.data, task, "train")))
 
 
 def _done_line(rep: dict, out) -> str:
