@@ -197,3 +197,16 @@ def test_recipe_numbers_as_people_write_them(tmp_path):
     recipe.write_text("name: x\nalign: {train: {lr: 1e-3}}\nfinetune: {train: {lr: 5E-5}}\n")
     r, _ = pipeline.pipelines(recipe)
     assert r.align.train.lr == 1e-3 and r.finetune.train.lr == 5e-5
+
+
+def test_stage_keys_do_not_move_when_knobs_are_added(tmp_path):
+    """Finished stages stay reusable across releases: a knob added later (`key_when_set`) leaves every key of
+    a recipe that does not set it as it was (these keys were computed before `evaluate.hs_prompts` existed).
+    Change them only with a change that is meant to invalidate users' caches."""
+    _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml")
+    sft0 = next(p for p in pipes if (p.row, p.p) == ("SFT", 0.0))
+    assert [(s.kind, s.key) for s in pipeline.plan(sft0, tmp_path)] == [
+        ("align", "754a53f47ce1"), ("finetune", "29106cf1818d"), ("evaluate", "4d64b5ced787")]
+    _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml", ["evaluate.hs_prompts=jbb"])
+    keys = [s.key for s in pipeline.plan(next(p for p in pipes if (p.row, p.p) == ("SFT", 0.0)), tmp_path)]
+    assert keys[:2] == ["754a53f47ce1", "29106cf1818d"] and keys[2] != "4d64b5ced787"

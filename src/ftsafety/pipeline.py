@@ -28,11 +28,13 @@ from typing import Any
 import yaml
 
 from ftsafety import __version__
+from ftsafety import prompt_sets
 from ftsafety import stages as S
 from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
 from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
 from ftsafety.errors import FtsafetyError
+from ftsafety.options import config_key
 from ftsafety.utils import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -201,7 +203,7 @@ def plan(pipe: Pipeline, runs_dir: Path) -> list[StagePlan]:
         if DEFENSES[r.post.method].needs_aligned:  # it also reads the aligned model and the task
             cfg = {**cfg, "aligned": aligned_key, "task": r.finetune.task}
         add("post", r.post.method, cfg)
-    add("evaluate", r.evaluate.judge.split(":")[0], {**dataclasses.asdict(r.evaluate), "task": r.finetune.task})
+    add("evaluate", r.evaluate.judge.split(":")[0], {**config_key(r.evaluate), "task": r.finetune.task})
     return out
 
 
@@ -264,11 +266,11 @@ def _check_pipeline_data(r: Recipe, c: S.Common) -> None:
             d.check_data(getattr(r.post, r.post.method), c, r.finetune.task)
     ev = r.evaluate
     if ev.hs_limit:
-        need("evaluate.hs_limit", ev.hs_limit, len(D.harmful_eval_prompts(c.data)))
+        need("evaluate.hs_limit", ev.hs_limit, len(prompt_sets.harmful_items(ev.hs_prompts, c.data, None, ev.prompt_field)))
     if ev.fa_limit:
         need("evaluate.fa_limit", ev.fa_limit, len(D.task_examples(c.data, r.finetune.task, "test")))
     if ev.or_limit:
-        need("evaluate.or_limit", ev.or_limit, len(D.benign_eval_instructions()))
+        need("evaluate.or_limit", ev.or_limit, len(prompt_sets.benign_items(ev.or_prompts, c.data, None, ev.prompt_field)))
 
 
 def describe(pipes: list[Pipeline], runs_dir: Path) -> str:

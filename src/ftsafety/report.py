@@ -77,7 +77,10 @@ def build_table(records: list[dict]) -> dict:
             vals = [v for v in row[m].values() if v is not None]
             row[f"{m}_avg"] = sum(vals) / len(vals) if len(vals) == len(ratios) else None
     _intervals_and_tests(rows)
-    return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values()), "significance_alpha": ALPHA}
+    sets = {k: sorted({str(rec["results"].get(f"{k}_prompts", d)) for rec in records})
+            for k, d in (("hs", "beavertails"), ("or", "builtin"))}
+    return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values()), "significance_alpha": ALPHA,
+            "prompt_sets": sets}
 
 
 def _count(rate: float | None, n: int | None) -> int | None:
@@ -141,9 +144,12 @@ def markdown(table: dict, meta: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ns = sorted({", ".join(f"{m.upper()} n={r[f'{m}_n'].get(p)}" for m in shown) for r in table["rows"] for p in ps
                  if any(r[f"{m}_n"].get(p) for m in shown)})
-    lines += ["", "HS: harmful score, % of held-out harmful prompts whose answer the judge flags (lower is better). "
+    sets = table.get("prompt_sets", {})
+    hs_set = "" if sets.get("hs", ["beavertails"]) == ["beavertails"] else f" ({', '.join(sets['hs'])})"
+    or_set = "" if sets.get("or", ["builtin"]) == ["builtin"] else f" ({', '.join(sets['or'])})"
+    lines += ["", f"HS: harmful score, % of held-out harmful prompts{hs_set} whose answer the judge flags (lower is better). "
               "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
-              + ("OR: over-refusal, % of benign instructions refused (lower is better). " if "or" in shown else "") +
+              + (f"OR: over-refusal, % of benign instructions{or_set} refused (lower is better). " if "or" in shown else "") +
               "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns. "
               "In brackets: the 95% Wilson interval of each rate"
               + (f" ({'; '.join(ns)})" if ns else "") + ". * : different from SFT at the same p "

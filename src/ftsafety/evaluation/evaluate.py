@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from ftsafety import data as D
-from ftsafety import distributed, models
+from ftsafety import distributed, models, prompt_sets
 from ftsafety.console import console, progress
 from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.settings import EvalSettings
@@ -92,14 +92,15 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     judge = get_judge(cfg.judge, device=dev)  # fail on a bad judge name before any generation
     check_judge_spec(cfg.judge)  # and on a judge directory that is not there
     # every data set is read (and checked) before the model loads: bad data fails in a second
-    hs_items = D.harmful_eval_prompts(cfg.data, cfg.hs_limit) if cfg.hs_limit else []
+    hs_items = prompt_sets.harmful_items(cfg.hs_prompts, cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
     fa_exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit) if cfg.task != "none" and cfg.fa_limit else []
-    or_items = D.benign_eval_instructions(cfg.or_limit) if cfg.or_limit else []
+    or_items = prompt_sets.benign_items(cfg.or_prompts, cfg.data, cfg.or_limit, cfg.prompt_field) if cfg.or_limit else []
     t_start = time.perf_counter()
     if model is None:
         model, tokenizer, _ = models.load(cfg.model, device=dev, trust_remote_code=cfg.trust_remote_code)
     samples: list[dict] = []
-    results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed}
+    results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed,
+                     "hs_prompts": cfg.hs_prompts, "or_prompts": cfg.or_prompts}
     timings: dict[str, float] = {}
     gen_tokens = 0
     gen_stats: dict[str, dict] = {"hs": {}, "fa": {}, "or": {}}  # which engine decoded each part, and why

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftsafety import prompt_sets
 from ftsafety.errors import FtsafetyError
 from ftsafety.options import knob
 
@@ -13,6 +14,13 @@ from ftsafety.options import knob
 class EvalSettings:
     judge: str = knob("keyword", "keyword | compliance | beaver-dam[:path] | llama-guard[:path] | "
                                  "classifier:<id-or-path>.")
+    hs_prompts: str = knob("beavertails", "Harmful prompts for HS: beavertails | advbench | hexphi | catqa | harmbench | "
+                                          "strongreject | jbb | a .jsonl/.json/.csv/.parquet/.txt file.",
+                           key_when_set=True)
+    or_prompts: str = knob("builtin", "Benign instructions for OR: builtin | xstest | a file.", key_when_set=True)
+    prompt_field: str | None = knob(None, "The prompt column of a prompt file (default: the first of prompt, goal, "
+                                          "Goal, Behavior, forbidden_prompt, Question, question, instruction).",
+                                    key_when_set=True)
     hs_limit: int = knob(700, "Harmful prompts to score (0 skips HS).")
     fa_limit: int = knob(872, "Task test items (0 skips FA).")
     or_limit: int = knob(100, "Benign instructions for over-refusal (0 skips OR).")
@@ -30,3 +38,7 @@ class EvalSettings:
         for name in ("batch_size", "max_new_tokens", "fa_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        prompt_sets.check_spec(self.hs_prompts, "harmful")
+        prompt_sets.check_spec(self.or_prompts, "benign")
+        if self.prompt_field is not None and not self.prompt_field.strip():
+            raise FtsafetyError("--prompt-field must name a column, got an empty string")
