@@ -9,7 +9,7 @@ RUNS ?= runs/table-small
 LOCK := src/ftsafety/locked-requirements.txt
 LOCK_TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: install demo test test-latest lock test-slow test-dist reproduce-table report bench bench-eval bench-align bench-lisa bench-post clean
+.PHONY: install demo test test-latest lock test-slow test-dist test-gpu reproduce-table report bench bench-eval bench-align bench-lisa bench-post clean
 
 # Every package at its locked release, except an installed torch (a GPU user's CUDA build stays; without one
 # the locked CPU build is installed). `pip install -c` reads the lock as constraints.
@@ -50,6 +50,12 @@ lock:
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The CUDA path (tests/test_gpu.py, marker gpu; every test skips without CUDA): a bf16 LoRA run of each training
+# method on tiny-llama and the embedded model with s/step and peak memory as ratios against SFT, CUDA-vs-CPU
+# generation, 2 GPUs against 1 when present. Results in gpu_check/ (summary.txt, measurements.jsonl).
+test-gpu: install
+	PY=$(PY) scripts/gpu_check.sh gpu_check
 
 # 2 CPU processes (gloo) under accelerate launch / torchrun against one process with the same global batch
 # (align, align-vaccine, align-booster, finetune-lisa, evaluate, prune-antidote, recover-rollback); docs/distributed.md
