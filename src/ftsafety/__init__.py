@@ -13,9 +13,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "VaccineTrainer": "ftsafety.defenses.vaccine", "VaccineConfig": "ftsafety.defenses.vaccine",
+    "VaccineTrainingArguments": "ftsafety.defenses.vaccine",
     "BoosterTrainer": "ftsafety.defenses.booster", "BoosterConfig": "ftsafety.defenses.booster",
+    "BoosterTrainingArguments": "ftsafety.defenses.booster",
     "LisaTrainer": "ftsafety.defenses.lisa", "LisaConfig": "ftsafety.defenses.lisa",
+    "LisaTrainingArguments": "ftsafety.defenses.lisa", "FtTrainer": "ftsafety.trainer",
+    "attach_lora": "ftsafety.models", "harmful_examples": "ftsafety.data",
     "AntidoteConfig": "ftsafety.defenses.antidote", "run_antidote": "ftsafety.defenses.antidote",
+    "prune_antidote": "ftsafety.defenses.antidote",
     "RollbackConfig": "ftsafety.defenses.rollback",
     "DEFENSES": "ftsafety.defenses", "Defense": "ftsafety.defenses",
     "EvalConfig": "ftsafety.evaluation.evaluate", "evaluate": "ftsafety.evaluation.evaluate",

@@ -314,6 +314,55 @@ def finetune_seconds(model: str) -> float | None:
     return None
 
 
+def _pruned_modules(net, cfg: AntidoteConfig, what: str) -> dict[str, torch.nn.Linear]:
+    """The Linear layers Antidote scores: the LoRA A/B layers of a peft model (target lora), or the base
+    layers named by `dense_targets` (target dense)."""
+    if cfg.target == "lora":
+        modules = _lora_modules(net)
+        if not modules:
+            raise FtsafetyError(f"{what}: no LoRA linear layers found to prune")
+        return modules
+    wanted = set(models.resolve_targets(net, cfg.dense_targets))
+    return {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted}
+
+
+def _score_and_mask(modules: dict, rec: InputNorms | None, cfg: AntidoteConfig, seed: int,
+                    zero: bool) -> dict[str, torch.Tensor]:
+    """Each module's mask (True = zeroed) from its scores; `zero` also zeroes those weights in place."""
+    with torch.no_grad():
+        if cfg.score == "random":  # seeded, so the baseline is reproducible; CPU generator on every device
+            gen = torch.Generator().manual_seed(seed)
+            scores = {n: torch.rand(m.weight.shape, generator=gen).to(m.weight.device) for n, m in modules.items()}
+        else:
+            scores = {n: wanda_score(m.weight, rec.scaler(n) if rec else None) for n, m in modules.items()}
+        masks = wanda_masks(scores, cfg.ratio, cfg.scope)
+        del scores
+        if zero:
+            for n, m in modules.items():
+                m.weight.masked_fill_(masks[n].to(m.weight.device), 0)
+    return masks
+
+
+def prune_antidote(model, tokenizer, calibration_examples: list[dict], config: AntidoteConfig | None = None,
+                   data_cfg: D.DataConfig | None = None, seed: int = 42) -> dict[str, torch.Tensor]:
+    """Antidote on a model in memory: score the weights on `calibration_examples` (harmful pairs,
+    `{"instruction", "input", "output"}`, e.g. `harmful_examples(data, "calibration")[:64]`), zero the
+    selected ones in place and return the masks (True = zeroed) by module name. `model` is a peft model
+    (target lora: its LoRA A/B weights, as `prune-antidote` prunes the last adapter) or any causal LM
+    (target dense). `prune-antidote` writes the same weights to a run directory."""
+    cfg = config or AntidoteConfig()
+    data_cfg = data_cfg or D.DataConfig()
+    seed_everything(seed)
+    modules = _pruned_modules(model, cfg, type(model).__name__)
+    use_data = cfg.calibration_n and cfg.score == "wanda"
+    examples = list(calibration_examples)[: cfg.calibration_n] if use_data else []
+    if use_data and not examples:
+        raise FtsafetyError("the calibration set is empty")
+    model.eval()
+    rec = calibrate(model, modules, examples, tokenizer, data_cfg, cfg.batch_size) if examples else None
+    return _score_and_mask(modules, rec, cfg, seed, zero=True)
+
+
 def run_antidote(
     cfg: AntidoteConfig, model: str, data_cfg: D.DataConfig, out_dir: str | Path, device: str = "auto",
     seed: int = 42, trust_remote_code: bool = False, quiet: bool = False,
@@ -355,15 +404,9 @@ def run_antidote(
         last = spec.adapters[-1]
         models.check_adapter_matches(last, net)
         net = PeftModel.from_pretrained(net, last)
-        modules = _lora_modules(net)
-        if not modules:
-            raise FtsafetyError(f"{last}: no LoRA linear layers found to prune")
     else:
         net, tok, _ = models.load(spec, device=dev, trust_remote_code=trust_remote_code)
-        wanted = set(models.resolve_targets(net, cfg.dense_targets))
-        modules = {
-            n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted
-        }
+    modules = _pruned_modules(net, cfg, spec.adapters[-1] if cfg.target == "lora" else model)
     net.eval()
     load_seconds = time.perf_counter() - t0
 
@@ -374,17 +417,7 @@ def run_antidote(
     calibration_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if cfg.score == "random":  # seeded, so the baseline is reproducible; CPU generator on every device
-            gen = torch.Generator().manual_seed(seed)
-            scores = {n: torch.rand(m.weight.shape, generator=gen).to(m.weight.device) for n, m in modules.items()}
-        else:
-            scores = {n: wanda_score(m.weight, rec.scaler(n) if rec else None) for n, m in modules.items()}
-        masks = wanda_masks(scores, cfg.ratio, cfg.scope)
-        del scores
-        if cfg.target == "dense":
-            for n, m in modules.items():
-                m.weight.masked_fill_(masks[n].to(m.weight.device), 0)
+    masks = _score_and_mask(modules, rec, cfg, seed, zero=cfg.target == "dense")
     _sync(dev)
     prune_seconds = time.perf_counter() - t0
 

@@ -71,3 +71,37 @@ class Defense:
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
         if not set(self.neutral) <= fields:
             raise ValueError(f"defense {self.name}: neutral keys {set(self.neutral) - fields} are not config fields")
+
+
+# -- TRL's pattern: a defense's knobs on a `TrainingArguments` subclass -------------------------------
+
+ARGS_FIELDS = "_defense_fields"
+
+
+def training_arguments_class(name: str, config_cls: type, names: tuple[str, ...], doc: str) -> type:
+    """A `transformers.TrainingArguments` subclass that also carries the defense knobs `names` of
+    `config_cls` (same defaults and help), as TRL's `SFTConfig` carries SFT's: a user's own
+    `Trainer` workflow then configures a defense's trainer with one `args=` object. The knobs are
+    checked by `config_cls` when the arguments are built."""
+    from transformers import TrainingArguments
+
+    src = {f.name: f for f in dataclasses.fields(config_cls)}
+    extra = [(n, src[n].type, field(default=src[n].default, metadata=dict(src[n].metadata))) for n in names]
+
+    def __post_init__(self):
+        TrainingArguments.__post_init__(self)
+        config_cls(**{n: getattr(self, n) for n in names})  # the defense's own checks, one line each
+
+    cls = dataclasses.make_dataclass(name, extra, bases=(TrainingArguments,),
+                                     namespace={"__post_init__": __post_init__, ARGS_FIELDS: names, "__doc__": doc})
+    cls.__module__ = config_cls.__module__
+    return cls
+
+
+def defense_settings(config_cls: type, trainer_args: tuple, trainer_kwargs: dict, explicit: dict):
+    """The defense's config for a trainer: the knobs carried by its `args` (a `training_arguments_class`
+    instance, positional or `args=`), overridden by those passed to the trainer itself (not None)."""
+    args = trainer_kwargs.get("args", trainer_args[1] if len(trainer_args) > 1 else None)
+    values = {n: getattr(args, n) for n in getattr(type(args), ARGS_FIELDS, ())}
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return config_cls(**values)

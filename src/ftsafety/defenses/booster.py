@@ -56,7 +56,7 @@ from ftsafety.defenses._perturb import (
     refuse_sharded_training,
     token_share,
 )
-from ftsafety.defenses.base import Defense, Paper, TrainerSetup
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
@@ -144,6 +144,12 @@ class CyclingBatches:
         self.order = [int(i) for i in state["order"]]
 
 
+BoosterTrainingArguments = training_arguments_class(
+    "BoosterTrainingArguments", BoosterConfig, ("lam", "alpha", "perturb_aware", "rho", "perturb_at"),
+    "`transformers.TrainingArguments` plus Booster's lam, alpha, perturb_aware, rho and perturb_at: "
+    "`BoosterTrainer(args=..., harmful_dataset=...)`.")
+
+
 class BoosterTrainer(FtTrainer):
     """transformers.Trainer whose training step adds Booster's harmful-perturbation attenuation term."""
 
@@ -153,16 +159,16 @@ class BoosterTrainer(FtTrainer):
         self,
         *args,
         harmful_dataset,
-        lam: float = 5.0,
-        alpha: float = 0.1,
-        perturb_aware: bool = False,
-        rho: float = 5.0,
-        perturb_at: str = "attn",
+        lam: float | None = None,
+        alpha: float | None = None,
+        perturb_aware: bool | None = None,
+        rho: float | None = None,
+        perturb_at: str | None = None,
         **kwargs,
     ):
-        self.booster = BoosterConfig(
-            lam=lam, alpha=alpha, perturb_aware=perturb_aware, rho=rho, perturb_at=perturb_at
-        )
+        # explicit values win over those of `args` (a BoosterTrainingArguments), which win over the defaults
+        self.booster = defense_settings(BoosterConfig, args, kwargs, {
+            "lam": lam, "alpha": alpha, "perturb_aware": perturb_aware, "rho": rho, "perturb_at": perturb_at})
         super().__init__(*args, **kwargs)
         refuse_sharded_training(self, "align-booster")
         self.harmful = CyclingBatches(

@@ -66,7 +66,7 @@ import torch
 
 from ftsafety import distributed
 from ftsafety.defenses._perturb import loss_tokens
-from ftsafety.defenses.base import Defense, Paper, TrainerSetup
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
@@ -133,6 +133,12 @@ class LisaConfig:
         check_alignment_data(self.align_data)
 
 
+LisaTrainingArguments = training_arguments_class(
+    "LisaTrainingArguments", LisaConfig, ("alignment_steps", "finetune_steps", "rho", "prox_start"),
+    "`transformers.TrainingArguments` plus Lisa's alignment_steps, finetune_steps, rho and prox_start: "
+    "`LisaTrainer(args=..., alignment_dataset=...)`.")
+
+
 class LisaTrainer(FtTrainer):
     """Bi-State Optimisation with a proximal term (Lisa), as a `transformers.Trainer` subclass.
 
@@ -146,8 +152,9 @@ class LisaTrainer(FtTrainer):
     """
 
     def __init__(self, *args, alignment_dataset=None, lisa: LisaConfig | None = None, **kwargs):
+        # `lisa` wins over the knobs of `args` (a LisaTrainingArguments), which win over the defaults
+        self.lisa = lisa or defense_settings(LisaConfig, args, kwargs, {})
         super().__init__(*args, **kwargs)
-        self.lisa = lisa or LisaConfig()
         self.alignment_dataset = alignment_dataset
         has_align = alignment_dataset is not None and len(alignment_dataset) > 0
         if self.lisa.alignment_steps > 0 and not has_align:

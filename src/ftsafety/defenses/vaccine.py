@@ -44,7 +44,7 @@ from ftsafety.defenses._perturb import (
     refuse_sharded_training,
     token_share,
 )
-from ftsafety.defenses.base import Defense, Paper, TrainerSetup
+from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
 from ftsafety.errors import FtsafetyError
 from ftsafety.trainer import FtTrainer
 
@@ -73,6 +73,11 @@ class VaccineConfig:
             )
 
 
+VaccineTrainingArguments = training_arguments_class(
+    "VaccineTrainingArguments", VaccineConfig, ("rho", "perturb_at"),
+    "`transformers.TrainingArguments` plus Vaccine's rho and perturb_at: `VaccineTrainer(args=...)`.")
+
+
 class VaccineTrainer(FtTrainer):
     """transformers.Trainer whose training step is Vaccine's two-pass perturbation-aware step.
 
@@ -81,8 +86,9 @@ class VaccineTrainer(FtTrainer):
 
     paper = PAPER
 
-    def __init__(self, *args, rho: float = 2.0, perturb_at: str = "attn", **kwargs):
-        self.vaccine = VaccineConfig(rho=rho, perturb_at=perturb_at)
+    def __init__(self, *args, rho: float | None = None, perturb_at: str | None = None, **kwargs):
+        # explicit values win over those of `args` (a VaccineTrainingArguments), which win over the defaults
+        self.vaccine = defense_settings(VaccineConfig, args, kwargs, {"rho": rho, "perturb_at": perturb_at})
         super().__init__(*args, **kwargs)
         refuse_sharded_training(self, "align-vaccine")
         self._sites: tuple[int, list[nn.Module]] | None = None
