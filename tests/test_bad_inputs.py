@@ -109,6 +109,7 @@ class Case:
     expect: str  # a substring of the single `error:` line
     skip: Callable[[], str | None] | None = None  # returns a reason to skip on this machine, or None
     env: dict | None = None  # environment variables set for the command
+    patch: Callable | None = None  # patch(monkeypatch): e.g. a full disk at the moment a file is written
 
 
 def _edit_manifest(**changes):
@@ -373,6 +374,138 @@ CASES: dict[str, Case] = {
 }
 
 
+def _evaluate_run(i: Inputs) -> str:
+    """A finished evaluation's directory (what `evaluate --out` writes)."""
+    for name, text in (("results.json", '{"hs": 1.0}'), ("samples.jsonl", '{"prompt": "p"}\n'), ("config.yaml", "{}\n")):
+        i.file(f"evrun/{name}", text)
+    return str(i.path("evrun"))
+
+
+def _fake_run(i: Inputs, kind_file: str, name: str) -> str:
+    """A finished Antidote (antidote.json) or rollback (rollback.json) run's directory."""
+    i.file(f"{name}/{kind_file}", "{}")
+    i.file(f"{name}/ftsafety_run.json", '{"base_model": "tiny-opt", "adapters": []}')
+    return str(i.path(name))
+
+
+def _finetuned_from(i: Inputs) -> tuple[str, str]:
+    """An align run and a run whose adapter chain extends it (a fine-tune of it, as a manifest says)."""
+    al = Path(i.run(name="al"))
+
+    def chain(run: Path):
+        path = run / "ftsafety_run.json"
+        m = json.loads(path.read_text())
+        m["adapters"] = [{"path": str(al / "adapter"), "relpath": "../al/adapter"},
+                         {"path": str(run / "adapter"), "relpath": "adapter"}]
+        m["stage"] = "finetune"
+        path.write_text(json.dumps(m))
+
+    return str(al), i.run(chain, name="ft")
+
+
+def _disk_full(target: str, wrap: bool = False):
+    """patch(monkeypatch): `target` (module.attr) fails as a full disk does (or torch's wrapped form)."""
+    import errno as _errno
+
+    def patch(mp):
+        def fail(*a, **k):
+            err = OSError(_errno.ENOSPC, "No space left on device", "adapter_model.safetensors")
+            if wrap:
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos") from err
+            raise err
+        mp.setattr(target, fail)
+    return patch
+
+
+def _prompts(i: Inputs, name: str, content: str) -> str:
+    return i.file(name, content)
+
+
+CASES.update({
+    # -- issue 19, second part: accepted before --------------------------------------------------
+    "finetune: --out an evaluation run": Case("finetune", lambda i: [*FT, "--out", _evaluate_run(i)],
+                                              "holds an ftsafety evaluate run"),
+    "align: --out an evaluation run": Case("align", lambda i: [*ALIGN, "--out", _evaluate_run(i)],
+                                           "refusing to replace it with a train run"),
+    "evaluate: --out a training run": Case("evaluate", lambda i: ["--model", "tiny-opt", *EVAL, "--out", i.run()],
+                                           "holds an ftsafety train run"),
+    "prune-antidote: --out an evaluation run": Case("prune-antidote", lambda i: [
+        "--model", i.run(), *ANTIDOTE, "--target", "dense", "--out", _evaluate_run(i)], "holds an ftsafety evaluate run"),
+    "align-vaccine: --out an Antidote run": Case("align-vaccine", lambda i: [
+        *ALIGN, "--out", _fake_run(i, "antidote.json", "pruned")], "holds an ftsafety antidote run"),
+    "finetune-lisa: --out a rollback run": Case("finetune-lisa", lambda i: [
+        *LISA, "--out", _fake_run(i, "rollback.json", "rolled")], "holds an ftsafety rollback run"),
+    "recover-rollback: --out an evaluation run": Case("recover-rollback", lambda i: [
+        "--model", _finetuned_from(i)[1], "--aligned", str(i.path("al")), *ROLLBACK, "--out", _evaluate_run(i)],
+        "holds an ftsafety evaluate run"),
+    "recover-rollback: --model and --aligned swapped": Case("recover-rollback", lambda i: [
+        "--model", _finetuned_from(i)[0], "--aligned", str(i.path("ft")), *ROLLBACK], "they look swapped"),
+    "recover-rollback: the same model twice": Case("recover-rollback", lambda i: [
+        "--model", i.run(), "--aligned", str(i.path("run")), *ROLLBACK], "are the same model"),
+    "prune-antidote: an alignment run": Case("prune-antidote", lambda i: ["--model", i.run(), *ANTIDOTE],
+                                             "last adapter is an alignment (align)"),
+    "align: --lora-r 100000": Case("align", (*ALIGN, "--lora-r", "100000"), "--lora-r 100000 is larger than"),
+    "align-vaccine: --lora-r 100000": Case("align-vaccine", (*ALIGN, "--lora-r", "100000"), "is larger than"),
+    "align-booster: --lora-r 100000": Case("align-booster", (*ALIGN, "--lora-r", "100000"), "is larger than"),
+    "finetune: --lora-r 100000": Case("finetune", (*FT, "--lora-r", "100000"), "is larger than"),
+    "finetune-lisa: --lora-r 100000": Case("finetune-lisa", (*LISA, "--lora-r", "100000"), "is larger than"),
+    "evaluate: FTSAFETY_CACHE a file": Case("evaluate", ("--model", "smollm2-135m", *EVAL), "is not a folder",
+                                            env={"FTSAFETY_CACHE": "/etc/passwd"}),
+    "evaluate: FTSAFETY_CACHE under a file": Case("evaluate", ("--model", "smollm2-135m", *EVAL), "is not a folder",
+                                                  env={"FTSAFETY_CACHE": "/etc/passwd/models"}),
+    "evaluate: FTSAFETY_CACHE empty": Case("evaluate", ("--model", "smollm2-135m", *EVAL),
+                                           "FTSAFETY_CACHE is set but empty", env={"FTSAFETY_CACHE": " "}),
+    "align: FTSAFETY_CACHE a file": Case("align", ("--model", "smollm2-135m", *ALIGN[2:]), "is not a folder",
+                                         env={"FTSAFETY_CACHE": "/etc/passwd"}),
+    "prune-antidote: FTSAFETY_CACHE a file": Case("prune-antidote", (
+        "--model", "smollm2-135m", "--target", "dense", *ANTIDOTE), "is not a folder", env={"FTSAFETY_CACHE": "/etc/passwd"}),
+    "evaluate: disk full writing samples": Case("evaluate", ("--model", "tiny-opt", *EVAL), "no space left on the device",
+                                                patch=_disk_full("ftsafety.evaluation.evaluate.write_jsonl")),
+    "prune-antidote: disk full writing the mask": Case("prune-antidote", lambda i: [
+        "--model", _finetuned_from(i)[1], *ANTIDOTE], "no space left on the device",
+        patch=_disk_full("safetensors.torch.save_file")),
+    "prune-antidote: disk full, torch's wrapped error": Case("prune-antidote", lambda i: [
+        "--model", _finetuned_from(i)[1], *ANTIDOTE], "no space left on the device",
+        patch=_disk_full("safetensors.torch.save_file", wrap=True)),
+    # -- --hs-prompts / --or-prompts / --prompt-field (issue 18) ------------------------------------
+    "evaluate: unknown prompt set": Case("evaluate", ("--model", "tiny-opt", *EVAL, "--hs-prompts", "advbnch"),
+                                         "unknown prompt set 'advbnch'"),
+    "evaluate: a benign set as --hs-prompts": Case("evaluate", ("--model", "tiny-opt", *EVAL, "--hs-prompts", "xstest"),
+                                                   "xstest is a benign prompt set"),
+    "evaluate: a harmful set as --or-prompts": Case("evaluate", ("--model", "tiny-opt", *EVAL, "--or-prompts", "jbb"),
+                                                    "jbb is a harmful prompt set"),
+    "evaluate: --hs-prompts file missing": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", str(i.path("nope.jsonl"))], "file not found"),
+    "evaluate: --hs-prompts a folder": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", i.dir("set.jsonl")], "file not found"),
+    "evaluate: --hs-prompts unsupported format": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.xlsx", "x")], "unknown prompt set"),
+    "evaluate: prompt file without a prompt column": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.csv", "text,label\na,b\n")],
+        "no prompt column (looked for prompt"),
+    "evaluate: prompt file with an empty prompt": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.jsonl", '{"prompt": "a"}\n{"prompt": " "}\n')],
+        "row 2: field 'prompt' is empty"),
+    "evaluate: prompt file of broken JSON": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.json", '[{"prompt": "a"')], "malformed JSON"),
+    "evaluate: prompt file with no rows": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--or-prompts", _prompts(i, "p.txt", "\n\n")], "no prompts"),
+    "evaluate: not a parquet file": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.parquet", "plain text")], "cannot read as parquet"),
+    "evaluate: --prompt-field names no column": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _prompts(i, "p.jsonl", '{"prompt": "a"}\n'),
+        "--prompt-field", "goal"], "row 1: field 'goal' is missing"),
+    "evaluate: --prompt-field empty": Case("evaluate", ("--model", "tiny-opt", *EVAL, "--prompt-field", " "),
+                                           "--prompt-field must name a column"),
+    "run: a recipe's unknown prompt set": Case("run", lambda i: [
+        i.file("r.yaml", "name: x\nmodel: tiny-opt\nevaluate: {hs_prompts: nosuch}\n"), *_RUNS(i)],
+        "unknown prompt set 'nosuch'"),
+    "run: a recipe's harmful set for OR": Case("run", lambda i: [
+        i.file("r.yaml", "name: x\nmodel: tiny-opt\n"), "evaluate.or_prompts=advbench", *_RUNS(i)],
+        "advbench is a harmful prompt set"),
+})
+
+
 def _RUNS(i: Inputs) -> list[str]:
     return ["--runs", str(i.root.parent / "out")]
 
@@ -447,6 +580,8 @@ def test_bad_input(name, inputs, tmp_path, cli, monkeypatch):
     case = CASES[name]
     for key, value in (case.env or {}).items():
         monkeypatch.setenv(key, value)
+    if case.patch is not None:
+        case.patch(monkeypatch)
     reason = case.skip() if case.skip is not None else None
     if reason:
         pytest.skip(reason)
@@ -468,7 +603,7 @@ def test_bad_input(name, inputs, tmp_path, cli, monkeypatch):
 
 
 def test_cases_cover_every_command():
-    assert len(CASES) >= 34
+    assert len(CASES) >= 150 - 14  # with tests/test_cli.py's 14 (BAD), the 150 issue 19 asks for
     assert {c.command for c in CASES.values()} == set(COMMANDS)
 
 
@@ -518,3 +653,23 @@ def test_bogus_log_level_is_one_line(cli, monkeypatch):
     monkeypatch.setenv("FTSAFETY_LOG_LEVEL", "BOGUS")
     with pytest.raises(FtsafetyError, match="FTSAFETY_LOG_LEVEL='BOGUS': choose one of DEBUG"):
         setup_logging()
+
+
+def test_disk_full_at_the_end_of_training_is_one_line_and_resumes(cli, tmp_path, monkeypatch):
+    """A full disk when the trained adapter is written (issue 19): one designed line (exit 2), no run
+    directory, and the same command with --resume on a freed disk continues from the last checkpoint."""
+    from ftsafety import models
+
+    out = tmp_path / "out"
+    args = ("align", "--model", "tiny-opt", "--n", "8", "--max-steps", "2", "--batch-size", "2", "-q",
+            "--out", str(out))
+    with monkeypatch.context() as mp:
+        _disk_full("ftsafety.models.save_adapter")(mp)
+        r = cli(*args)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no space left on the device" in lines[0], r.stderr
+    assert not out.exists() and (tmp_path / ".out.partial").is_dir()
+    assert models.save_adapter.__name__ == "save_adapter"  # the disk is free again
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert __import__("json").loads((out / "train_results.json").read_text())["resumed_from_step"] == 2

@@ -31,7 +31,7 @@ def test_out_equal_to_model_is_refused_and_nothing_is_lost(tmp_path, cli):
     assert len(json.loads((al / models.RUN_MANIFEST).read_text())["adapters"]) == 1
     # an evaluation written over the run it evaluates would replace it (it holds a run marker)
     r = cli("evaluate", "--model", str(al), "--hs-limit", "1", "--fa-limit", "0", "--or-limit", "0", "--out", str(al))
-    assert r.returncode == 2 and "is where this run's input" in r.stderr
+    assert r.returncode == 2 and "holds an ftsafety train run; refusing to replace it with an evaluate run" in r.stderr
     assert (al / models.RUN_MANIFEST).is_file()
 
 

@@ -5,6 +5,7 @@ Every user error becomes one line on stderr and a non-zero exit, never a traceba
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -99,6 +100,34 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.strip().splitlines() if part.strip()) or "unknown error"
 
 
+_DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EMFILE: "too many open files"}
+
+
+_RERUN = ("rerun the same command (a training stage continues from its last checkpoint with --resume; "
+          "ftsafety run resumes by itself); nothing half-written was left as a run")
+
+
+def _command() -> str:
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+
+
+def _os_problem(exc: BaseException) -> str | None:
+    """A file-system failure anywhere in the exception's chain (torch and safetensors wrap them), as a line
+    that says what to do; None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            return f"{_DISK_ERRORS[exc.errno]}{where}: free space or fix the permissions, then {_RERUN}"
+        if "No space left on device" in str(exc) or "file write failed" in str(exc):
+            return f"no space left on the device: free space, then {_RERUN}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main() -> None:
     """Console entry point: one-line errors, non-zero exits."""
     try:
@@ -111,8 +140,8 @@ def main() -> None:
     except KeyboardInterrupt:  # a training stage left a hint on how to resume (ftsafety.train.TrainingInterrupted)
         train = sys.modules.get("ftsafety.train")
         last = getattr(getattr(train, "TrainingInterrupted", None), "last", None)
-        typer.secho(last.hint if last is not None else "interrupted: nothing half-written was left behind",
-                    err=True, fg="yellow")
+        typer.secho(last.hint_for(pipeline=_command() == "run") if last is not None
+                    else "interrupted: nothing half-written was left behind", err=True, fg="yellow")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(getattr(exc, "exit_code", 0))
@@ -128,6 +157,10 @@ def main() -> None:
             sys.exit(130)
         if os.environ.get("FTSAFETY_DEBUG"):
             raise
+        problem = _os_problem(exc)
+        if problem is not None:
+            typer.secho(f"error: {problem}", err=True, fg="red")
+            sys.exit(2)
         msg = (str(exc).strip().splitlines() or [""])[0][:300]
         typer.secho(f"error: {type(exc).__name__}: {msg} (set FTSAFETY_DEBUG=1 for the traceback)", err=True, fg="red")
         sys.exit(1)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,21 @@ class ModelSpec:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FTSAFETY_CACHE", Path.home() / ".cache" / "ftsafety"))
+    """Where converted models go: $FTSAFETY_CACHE, else ~/.cache/ftsafety; a value that cannot be a
+    folder is one line, before anything is converted or loaded."""
+    raw = os.environ.get("FTSAFETY_CACHE")
+    if raw is None:
+        return Path.home() / ".cache" / "ftsafety"
+    if not raw.strip():
+        raise FtsafetyError("FTSAFETY_CACHE is set but empty: point it at a folder ftsafety may write to, or unset it")
+    path = Path(raw).expanduser()
+    anchor = path
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise FtsafetyError(f"FTSAFETY_CACHE={raw}: {anchor} is not a folder; point it at a folder ftsafety may "
+                            "write to, or unset it")
+    return path
 
 
 def _valid_aliases() -> str:
@@ -236,6 +251,12 @@ def smollm2_local_dir() -> Path:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # a cache that cannot be written fails now, in one line, not after the conversion
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=target.parent))
+    except OSError as exc:
+        raise FtsafetyError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}); set "
+                            "FTSAFETY_CACHE to a writable folder") from None
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -390,11 +411,17 @@ def attach_lora(model, settings: LoraSettings):
     """Wrap `model` in a fresh trainable LoRA adapter (everything else frozen)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = resolve_targets(model, settings.targets)
+    dims = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    if dims and settings.r > min(dims):  # a rank above a layer's smaller side adds nothing but size
+        raise FtsafetyError(f"--lora-r {settings.r} is larger than the smallest targeted layer's dimension "
+                            f"({min(dims)}); use a rank of at most {min(dims)}")
     cfg = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=resolve_targets(model, settings.targets),
+        target_modules=targets,
         task_type="CAUSAL_LM",
         bias="none",
     )

@@ -196,7 +196,7 @@ def train_lora(
     others wait for it and return the same summary. The number of processes is part of the settings
     a resume must share.
     """
-    out_dir = check_writable_dir(out_dir)
+    out_dir = check_writable_dir(out_dir, "train")
     final = Path(out_dir)
     TrainingInterrupted.last = None
     if checkpoint_every is not None and checkpoint_every < 0:
@@ -344,9 +344,15 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     @property
     def hint(self) -> str:
+        return self.hint_for(pipeline=False)
+
+    def hint_for(self, pipeline: bool) -> str:
+        """What to do next: a stage command resumes with --resume; `ftsafety run` resumes by itself."""
         if self.checkpoint_step:
+            how = ("rerun the same ftsafety run command (it reuses finished stages and resumes this one)" if pipeline
+                   else "resume with the same command plus --resume")
             return (f"{self.stage} interrupted at step {self.step} (checkpoint of step {self.checkpoint_step} kept in "
-                    f"{self.partial}); resume with the same command plus --resume")
+                    f"{self.partial}); {how}")
         return f"{self.stage} interrupted at step {self.step}, before its first checkpoint; run the command again"
 
 

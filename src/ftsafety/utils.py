@@ -289,9 +289,20 @@ def check_not_input(out: str | os.PathLike, inputs) -> None:
 # Files that mark a directory as an ftsafety run (training/defense stages, evaluate), which a
 # new run may replace; any other non-empty directory is refused rather than overwritten.
 RUN_MARKERS = ("ftsafety_run.json", "results.json")
+# the file that says which kind of run a directory holds (a rerun may replace a run of its own kind only)
+RUN_KINDS = {"train": "train_results.json", "antidote": "antidote.json", "rollback": "rollback.json",
+             "evaluate": "samples.jsonl"}
 
 
-def check_writable_dir(path: str | os.PathLike) -> Path:
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def run_kind(path: Path) -> str | None:
+    return next((k for k, f in RUN_KINDS.items() if (path / f).is_file()), None)
+
+
+def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path:
     """Fail early, in one line, when an output directory cannot be written (or must not be replaced).
 
     The run is written to a sibling temporary directory and renamed over `path` at the end, so `path`
@@ -299,7 +310,9 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     else is refused (it would be deleted). Writability is probed with a real (removed) directory,
     since os.access says yes to root even on read-only or virtual file systems.
 
-    A symlink is written through: the run goes to its target (returned), and the link stays."""
+    A symlink is written through: the run goes to its target (returned), and the link stays. `kind`
+    (a RUN_KINDS key): an earlier run of another kind is refused too (a fine-tune must not replace an
+    evaluation's samples)."""
     path = Path(path)
     if not str(path).strip():
         raise FtsafetyError("--out is empty; give the run directory to write")
@@ -319,6 +332,12 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
             raise FtsafetyError(
                 f"output directory {path} is not empty and is not an ftsafety run; refusing to replace it "
                 "(choose a new --out)"
+            )
+        found = run_kind(path) if entries else None
+        if kind is not None and found is not None and found != kind:
+            raise FtsafetyError(
+                f"output directory {path} holds an ftsafety {found} run; refusing to replace it with {_a(kind)} run "
+                "(choose a new --out, or delete it first)"
             )
     anchor = path.parent
     while not anchor.exists() and anchor != anchor.parent:

@@ -314,6 +314,14 @@ def finetune_seconds(model: str) -> float | None:
     return None
 
 
+def _adapter_stage(adapter: str) -> str:
+    """The stage that wrote an adapter (its run's manifest), "" when it is not an ftsafety run's."""
+    try:
+        return str(json.loads((Path(adapter).parent / models.RUN_MANIFEST).read_text()).get("stage", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _pruned_modules(net, cfg: AntidoteConfig, what: str) -> dict[str, torch.nn.Linear]:
     """The Linear layers Antidote scores: the LoRA A/B layers of a peft model (target lora), or the base
     layers named by `dense_targets` (target dense)."""
@@ -382,7 +390,7 @@ def run_antidote(
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    out_dir = check_writable_dir(out_dir)
+    out_dir = check_writable_dir(out_dir, "antidote")
     seed_everything(seed)
     dev = resolve_device(device)
     if distributed.launched():
@@ -392,6 +400,11 @@ def run_antidote(
     if cfg.target == "lora" and not spec.adapters:
         raise FtsafetyError(
             f"{model} has no LoRA adapter to prune; pass a fine-tuning run directory or use --target dense"
+        )
+    if cfg.target == "lora" and _adapter_stage(spec.adapters[-1]).startswith("align"):
+        raise FtsafetyError(
+            f"{model}'s last adapter is an alignment ({_adapter_stage(spec.adapters[-1])}), not a fine-tune: Antidote "
+            "prunes the fine-tuned adapter (pass the fine-tuning run, or --target dense to prune the merged model)"
         )
     use_data = cfg.calibration_n and cfg.score == "wanda"  # the random baseline reads no harmful data
     examples = D.harmful_examples(data_cfg, "calibration")[: cfg.calibration_n] if use_data else []

@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -441,6 +442,21 @@ def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConf
     return _run(**kwargs)
 
 
+def check_roles(model: str, model_spec, aligned: str, aligned_spec) -> None:
+    """Refuse --model and --aligned given the wrong way round: the fine-tuned model is built on the aligned one,
+    so an `aligned` whose adapter chain extends `model`'s (or the same model twice) is a mistake."""
+    def chain(spec):
+        return [os.path.realpath(a) for a in spec.adapters]
+
+    m, a = chain(model_spec), chain(aligned_spec)
+    if model_spec.base == aligned_spec.base and m == a:
+        raise FtsafetyError(f"--model {model} and --aligned {aligned} are the same model: pass the fine-tuned model "
+                            "as --model and the aligned one it was fine-tuned from as --aligned")
+    if model_spec.base == aligned_spec.base and len(a) > len(m) and a[:len(m)] == m:
+        raise FtsafetyError(f"--aligned {aligned} is fine-tuned from --model {model}: they look swapped (--model is "
+                            "the fine-tuned model, --aligned the aligned one it came from)")
+
+
 def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, device: str = "auto",
          seed: int = 42, trust_remote_code: bool = False) -> dict:
     val_n, fa_max_new_tokens = cfg.val_n, cfg.fa_max_new_tokens
@@ -450,10 +466,12 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
     from ftsafety.utils import check_not_input, check_writable_dir, resolve_device, seed_everything
 
     t0 = time.perf_counter()
-    out_dir = check_writable_dir(out_dir)
+    out_dir = check_writable_dir(out_dir, "rollback")
+    specs = {}
     for given in (model, aligned):
-        spec = models.resolve(given)
+        spec = specs[given] = models.resolve(given)
         check_not_input(out_dir, [given, spec.base, *spec.adapters])
+    check_roles(model, specs[model], aligned, specs[aligned])
     seed_everything(seed)
     dev = resolve_device(device)
     val = validation_examples(dcfg, task, val_n, model)

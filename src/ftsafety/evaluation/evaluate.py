@@ -79,7 +79,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     the generation batches (the batches of a one-process run, so the same texts), the texts are
     gathered back in order, the main process judges and writes, and every process returns its results."""
     if out_dir is not None:
-        out_dir = check_writable_dir(out_dir)
+        out_dir = check_writable_dir(out_dir, "evaluate")
         if model is None:
             spec = models.resolve(cfg.model)
             check_not_input(out_dir, [cfg.model, spec.base, *spec.adapters])
