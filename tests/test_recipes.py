@@ -210,3 +210,17 @@ def test_stage_keys_do_not_move_when_knobs_are_added(tmp_path):
     _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml", ["evaluate.hs_prompts=jbb"])
     keys = [s.key for s in pipeline.plan(next(p for p in pipes if (p.row, p.p) == ("SFT", 0.0)), tmp_path)]
     assert keys[:2] == ["754a53f47ce1", "29106cf1818d"] and keys[2] != "4d64b5ced787"
+
+
+def test_rows_run_in_parts_keep_the_recipes_order(tmp_path, cli):
+    """`--only` runs (the table in parts) record each row's place in the recipe, so the report's rows
+    come in the recipe's order whatever order the parts ran in."""
+    runs = tmp_path / "runs"
+    for row in ("Booster", "SFT"):
+        r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--only", row, "--runs", str(runs), "-q",
+                "--results", str(tmp_path / "results"))
+        assert r.returncode == 0, r.stderr
+    r = cli("report", str(runs), "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr
+    rows = [row["row"] for row in json.loads((tmp_path / "report" / "table.json").read_text())["rows"]]
+    assert rows == ["SFT", "Booster"]  # not the order they ran in, nor the alphabet

@@ -314,6 +314,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
             only: list[str] | None = None, echo=print) -> tuple[Recipe, list[dict]]:
     """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
     recipe, pipes = pipelines(path, overrides)
+    order = list(dict.fromkeys(p.row for p in pipes))  # the recipe's row order, whichever rows --only runs
     pipes = select(pipes, only, path)
     runs_dir = Path(runs_dir)
     check_data(pipes)
@@ -343,7 +344,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
             "paper": {"hs": pipe.paper_hs, "fa": pipe.paper_fa, "note": pipe.paper_note},
             "paper_source": recipe.table.paper_source if recipe.table else "",
             "stages": stage_rows, "methods": [f"{s['kind']}:{s['method']}" for s in stage_rows],
-            "row_order": [p.row for p in pipes].index(pipe.row), "date": time.strftime("%Y-%m-%d"),
+            "row_order": order.index(pipe.row), "date": time.strftime("%Y-%m-%d"),
             "environment_eval": results.get("environment", {}),
         }
         write_json(record_path(runs_dir, recipe, pipe), rec)
