@@ -139,3 +139,15 @@ def test_evaluate_takes_trust_remote_code(cli, monkeypatch, tiny_data_dir, tmp_p
     assert cli(*base, "--out", str(tmp_path / "a")).returncode == 0
     assert cli(*base, "--trust-remote-code", "--out", str(tmp_path / "b")).returncode == 0
     assert seen == [False, True]
+
+
+def test_flags_take_no_value_in_help(cli):
+    """Issue 19: a flag (--resume, --quiet, --trust-remote-code, --dry-run, ...) is shown without a
+    `<bool>` value, and placeholders are named in capitals."""
+    for command in ("align", "align-vaccine", "finetune-lisa", "prune-antidote", "recover-rollback", "evaluate",
+                    "run", "report"):
+        r = cli(command, "--help")
+        assert r.returncode == 0, r.stderr
+        flagged = [line for line in r.stdout.splitlines() if "<bool>" in line and "--help" not in line]
+        assert flagged == [], f"{command}: {flagged}"
+    assert "{RECIPE} [KEY=VALUE]..." in cli("run", "--help").stdout

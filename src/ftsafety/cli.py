@@ -34,7 +34,8 @@ _register_commands()
 
 
 @app.command()
-def summary(runs: Annotated[list[Path], typer.Argument(help="Evaluation run directories (each holds results.json).")]):
+def summary(runs: Annotated[list[Path], typer.Argument(help="Evaluation run directories (each holds results.json).",
+                                                      metavar="RUN_DIR")]):
     """One table (and its Markdown) from several evaluation runs: HS before and after each stage."""
     import json
 
@@ -89,7 +90,7 @@ def env():
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False):
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.", metavar="")] = False):
     if version:
         typer.echo(__version__)
         raise typer.Exit()

@@ -92,7 +92,8 @@ def parameters(group: Group, taken: set[str]) -> list[inspect.Parameter]:
         if tp is bool and not flags:
             dashed = name.replace("_", "-")
             flags = (f"--{dashed}/--no-{dashed}",)
-        opt = typer.Option(*flags, help=f.metadata.get(KNOB_HELP) or None)
+        flag = {"metavar": ""} if tp is bool else {}  # a flag takes no value: no <bool> in --help
+        opt = typer.Option(*flags, help=f.metadata.get(KNOB_HELP) or None, **flag)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(base, f.name),
                                      annotation=Annotated[_option_type(tp), opt]))
     for g in group.nested:

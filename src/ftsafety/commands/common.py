@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", metavar="")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.", metavar="")]
 
 
 def _setup(verbose: bool, quiet: bool) -> None:

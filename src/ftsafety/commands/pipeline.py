@@ -13,8 +13,8 @@ from ftsafety.commands.common import Quiet, Verbose, _setup
 
 
 def run(
-    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).", metavar="RECIPE")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="KEY=VALUE",
         help="key=value overrides, dotted: data=../shared/data finetune.harmful_ratio=0.2 'table.ratios=[0,0.2]'.")]
     = None,
     runs: Annotated[Path, typer.Option("--runs", help="Where stages and pipeline records go (shared cache).")]
@@ -23,7 +23,7 @@ def run(
         "--results", help="Write table.md/.csv/.json and hs_fa.png here when the pipelines finish.")] = None,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only this table row (repeatable).")]
     = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every stage with its resolved config; run nothing.")]
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every stage with its resolved config; run nothing.", metavar="")]
     = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -57,7 +57,7 @@ def _f(x) -> str:
 
 
 def report(
-    runs_dir: Annotated[Path, typer.Argument(help="A --runs directory of `ftsafety run`.")],
+    runs_dir: Annotated[Path, typer.Argument(help="A --runs directory of `ftsafety run`.", metavar="RUNS_DIR")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for table.md/.csv/.json and hs_fa.png.")]
     = Path("results"),
     recipe: Annotated[Optional[str], typer.Option(help="Which recipe's table, when RUNS_DIR holds several.")] = None,

@@ -36,7 +36,8 @@ _MODEL_HELP = "Alias, hub id, model directory or ftsafety run directory."
 
 
 def _param(name: str, tp, default, *flags: str, help: str) -> inspect.Parameter:
-    return inspect.Parameter(name, _K, default=default, annotation=Annotated[tp, typer.Option(*flags, help=help)])
+    flag = {"metavar": ""} if tp is bool else {}  # a flag takes no value: no <bool> in --help
+    return inspect.Parameter(name, _K, default=default, annotation=Annotated[tp, typer.Option(*flags, help=help, **flag)])
 
 
 def _model(default=inspect.Parameter.empty, help: str = _MODEL_HELP) -> inspect.Parameter:
