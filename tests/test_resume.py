@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -213,7 +214,7 @@ def test_cli_resume(tmp_path, cli, monkeypatch):
     r = cli(*args, "--resume")
     assert r.returncode == 2 and "--resume needs --out" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
-    monkeypatch.setattr(T, "default_checkpoint_every", lambda total: 1)
+    monkeypatch.setattr(T, "default_checkpoint_every", lambda total, logging_steps=1: 1)
     monkeypatch.setattr(T, "_NaNGuard", type("K", (_Kill,), {"at": 3, "when": "step_end"}))
     r = cli(*args, "--out", str(tmp_path / "run"))
     assert r.returncode == 130, (r.stdout, r.stderr)
@@ -224,3 +225,30 @@ def test_cli_resume(tmp_path, cli, monkeypatch):
     r = cli(*args, "--out", str(tmp_path / "run"), "--resume")
     assert r.returncode == 0, r.stderr
     _assert_equal(_weights(tmp_path / "ref"), _weights(tmp_path / "run"))
+
+
+def test_metrics_log_is_the_same_after_a_resume(tmp_path, monkeypatch):
+    """Issue 19: with the default checkpoints and a loss logged every 2 steps, a run killed at step 6 and
+    resumed writes the metrics.jsonl rows of the uninterrupted run (the checkpoints fall on logged
+    steps, so the first loss logged after the resume averages the same steps)."""
+    def case():
+        c = _align_case(steps=8)
+        c["train_cfg"] = dataclasses.replace(c["train_cfg"], logging_steps=2)
+        return c
+
+    assert T.default_checkpoint_every(8, 2) == 2 and T.default_checkpoint_every(30, 4) == 4
+    _train(case(), tmp_path / "ref")
+    out = tmp_path / "run"
+    monkeypatch.setattr(T, "_NaNGuard", type("K", (_Kill,), {"at": 6, "when": "step_end"}))
+    with pytest.raises(T.TrainingInterrupted) as info:
+        _train(case(), out)
+    monkeypatch.undo()
+    assert info.value.checkpoint_step == 4
+    assert _train(case(), out, resume=True)["resumed_from_step"] == 4
+
+    def rows(run):
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r.get("grad_norm"), r.get("learning_rate")) for r in logged if "loss" in r]
+
+    assert rows(out) == rows(tmp_path / "ref") and len(rows(out)) == 4
+    _assert_equal(_weights(tmp_path / "ref"), _weights(out))

@@ -242,7 +242,7 @@ def train_lora(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     every = checkpoint_every if checkpoint_every is not None else default_checkpoint_every(
-        _total_steps(train_cfg, len(dataset), world))
+        _total_steps(train_cfg, len(dataset), world), train_cfg.logging_steps)
     with tempfile.TemporaryDirectory() as scratch:
         metrics = (partial if checkpoints else Path(scratch)) / "metrics.jsonl"
         main = distributed.is_main()  # only the main process keeps the log
@@ -363,9 +363,14 @@ def partial_dir(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def default_checkpoint_every(total_steps: int) -> int:
-    """Every 10% of the run, but at least every 50 steps: an interruption loses at most that much."""
-    return max(1, min(50, total_steps // 10))
+def default_checkpoint_every(total_steps: int, logging_steps: int = 1) -> int:
+    """Every 10% of the run, but at least every 50 steps: an interruption loses at most that much; rounded
+    up to a multiple of `logging_steps`, so that a resumed run's first logged loss averages the same steps
+    as the uninterrupted run's (the Trainer averages the loss since its last log, which a checkpoint
+    between two logs would cut) and its metrics.jsonl is the same."""
+    every = max(1, min(50, total_steps // 10))
+    step = max(1, logging_steps)
+    return -(-every // step) * step
 
 
 def _total_steps(cfg: TrainConfig, n: int, world: int = 1) -> int:
