@@ -252,3 +252,26 @@ def test_metrics_log_is_the_same_after_a_resume(tmp_path, monkeypatch):
 
     assert rows(out) == rows(tmp_path / "ref") and len(rows(out)) == 4
     _assert_equal(_weights(tmp_path / "ref"), _weights(out))
+
+
+@pytest.mark.parametrize("tamper", ["changed", "planted", "removed"])
+def test_resume_loads_only_the_pickles_the_run_wrote(tamper, tmp_path, monkeypatch):
+    """Issue 19: the Trainer's optimizer/scheduler/RNG files are torch pickles; each checkpoint's marker holds
+    their sha256, and a resume refuses (one line, naming the file) a checkpoint whose pickles differ."""
+    out = tmp_path / "run"
+    exc = _kill(monkeypatch, _align_case(), out, 4, "after_save", 2)
+    ckpt = T.partial_dir(out) / f"checkpoint-{exc.checkpoint_step}"
+    assert set(json.loads((ckpt / T.CHECKPOINT_MARKER).read_text())["sha256"]) >= {"optimizer.pt", "scheduler.pt"}
+    name = {"changed": "optimizer.pt", "planted": "extra.pt", "removed": "scheduler.pt"}[tamper]
+    if tamper == "removed":
+        (ckpt / name).unlink()
+        name = "scheduler.pt"
+    else:
+        with open(ckpt / name, "ab") as fh:
+            fh.write(b"\x80\x04planted")
+    if tamper == "removed":  # an incomplete checkpoint: never loaded, the run resumes from the one before
+        summary = _train(_align_case(), out, checkpoint_every=2, resume=True)
+        assert summary["resumed_from_step"] == exc.checkpoint_step - 2
+        return
+    with pytest.raises(FtsafetyError, match=rf"{name} changed since the run wrote it"):
+        _train(_align_case(), out, checkpoint_every=2, resume=True)

@@ -420,6 +420,28 @@ def _checkpoint_dirs(partial: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _pickle_hashes(ckpt: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt.iterdir())
+            if p.is_file() and p.suffix in _PICKLE_SUFFIXES}
+
+
+def check_pickle_hashes(ckpt: Path) -> None:
+    """Refuse a checkpoint whose pickle-format files are not exactly those its marker lists (added, removed or
+    changed since the run wrote them): torch.load never sees a file this run did not write."""
+    want = _read_marker(ckpt).get("sha256")
+    if want is None:
+        raise FtsafetyError(f"{ckpt}: the checkpoint lists no file hashes (written by an older ftsafety); "
+                            "drop --resume to start over")
+    have = _pickle_hashes(ckpt)
+    bad = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+    if bad:
+        raise FtsafetyError(f"{ckpt}: {', '.join(bad)} changed since the run wrote it (sha256); refusing to load it "
+                            "(drop --resume to start over)")
+
+
 def _is_complete(ckpt: Path) -> bool:
     return (ckpt / CHECKPOINT_MARKER).is_file() and all((ckpt / f).is_file() for f in _TRAINER_FILES)
 
@@ -460,6 +482,7 @@ def _prepare_partial(partial: Path, stage: str, fp_config: dict, fingerprint: st
         complete = [(s, p) for s, p in ckpts if _is_complete(p)]
         if complete:
             step, ckpt = complete[-1]
+            check_pickle_hashes(ckpt)
             for s, p in ckpts:  # half-written checkpoints and any newer than the one we resume from
                 if s > step or not _is_complete(p):
                     shutil.rmtree(p, ignore_errors=True)
@@ -534,6 +557,9 @@ class _Checkpointer(TrainerCallback):
             "loss_sum": float(self.prior.get("loss_sum", 0.0)) + loss_now,
             "seconds": float(self.prior.get("seconds", 0.0)) + time.perf_counter() - self.t0,
             "defense_state": getter is not None,
+            # the Trainer's own state files are torch pickles (optimizer, scheduler, RNG): their hashes, so a
+            # resume loads only the files this run wrote (a planted or altered file is refused by name)
+            "sha256": _pickle_hashes(ckpt),
         }
         atomic_write_text(ckpt / CHECKPOINT_MARKER, json.dumps(marker, indent=1) + "\n")
         self.last_step = state.global_step
