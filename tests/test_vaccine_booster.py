@@ -411,3 +411,30 @@ def test_cli_commands_take_every_align_option_with_its_default():
         opts = options(d.command)
         assert {k: opts.get(k) for k in align} == align
         assert set(opts) - set(align) == {f.name for f in dataclasses.fields(d.config_cls)}
+
+
+def test_booster_harmful_batch_size(tmp_path, tiny_data_dir):
+    """`harmful_batch_size` (the original's fixed 10): 0 is the alignment batch; equal to it, the same
+    weights as the default; another size, other weights; unset, the stage's cache key is unchanged."""
+    from safetensors.torch import load_file
+
+    from ftsafety import models, stages
+    from ftsafety import train as T
+    from ftsafety.defenses.booster import BoosterConfig
+
+    c = stages.Common(data=D.DataConfig(data=str(tiny_data_dir), max_length=64), device="cpu", quiet=True)
+
+    def run(name, **cfg):
+        st = stages.AlignStage(method="booster", n=8, train=T.TrainConfig(max_steps=2, batch_size=2, lr=1e-2),
+                               lora=models.LoraSettings(r=4))
+        st.booster = BoosterConfig(**cfg)
+        stages.align(st, "tiny-llama", tmp_path / name, c)
+        return load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors")), st
+
+    default, st0 = run("default")
+    same, st2 = run("same", harmful_batch_size=2)
+    other, _ = run("other", harmful_batch_size=5)
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert any(not torch.equal(default[k], other[k]) for k in default)
+    assert "harmful_batch_size" not in stages.config_key(st0)["booster"]
+    assert stages.config_key(st2)["booster"]["harmful_batch_size"] == 2

@@ -135,8 +135,8 @@ def _hub_rows(name: str, split: str) -> list[dict]:
             if split == "safe":
                 return [r for r in ds if r["is_safe"]]
             rows = [r for r in ds if not r["is_safe"]]
-            if split == "calibration":  # Antidote's disjoint window of unsafe rows
-                rows = rows[5000:7000]
+            if split == "calibration":  # Antidote's disjoint window of unsafe rows: its code's strict window
+                rows = rows[5001:7000]  # start < i < start + n, i.e. rows 5001-6999 (1,999 rows)
             return rows
         task = TASK_DEFS[name]
         args = (hub_id, task.hub_config) if task.hub_config else (hub_id,)

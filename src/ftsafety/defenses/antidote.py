@@ -83,7 +83,7 @@ class AntidoteConfig:
         default="row", metadata={"help": "row: top-alpha per output row (code); global: one ArgTopK (paper)"}
     )
     calibration_n: int = field(
-        default=500, metadata={"help": "harmful calibration pairs (original 2000); 0 = |W| only"}
+        default=500, metadata={"help": "harmful calibration pairs (original 1,999: rows 5001-6999); 0 = |W| only"}
     )
     batch_size: int = field(default=8, metadata={"help": "calibration forward batch size"})
     dense_targets: str = field(

@@ -83,6 +83,9 @@ class BoosterConfig:
     perturb_at: str = field(
         default="attn", metadata={"help": "attn | layer: where the perturb-aware eps is added."}
     )
+    harmful_batch_size: int = field(
+        default=0, metadata={"key_when_set": True,
+                             "help": "Harmful examples per step (0: the alignment batch size; the original: always 10)."})
     harmful_data: str = field(
         default="calibration", metadata={
             "key_when_set": True,
@@ -99,6 +102,9 @@ class BoosterConfig:
             raise FtsafetyError(
                 f"unknown perturbation site {self.perturb_at!r}; choose one of {', '.join(PERTURB_AT)}"
             )
+        if self.harmful_batch_size < 0:
+            raise FtsafetyError(f"harmful batch size must be >= 0 (0: the alignment batch size), got "
+                                f"{self.harmful_batch_size}")
         if self.harmful_data not in HARMFUL_DATA:
             raise FtsafetyError(f"unknown harmful data {self.harmful_data!r}; choose one of {', '.join(HARMFUL_DATA)}")
 
@@ -164,6 +170,7 @@ class BoosterTrainer(FtTrainer):
         perturb_aware: bool | None = None,
         rho: float | None = None,
         perturb_at: str | None = None,
+        harmful_batch_size: int = 0,
         **kwargs,
     ):
         # explicit values win over those of `args` (a BoosterTrainingArguments), which win over the defaults
@@ -172,7 +179,8 @@ class BoosterTrainer(FtTrainer):
         super().__init__(*args, **kwargs)
         refuse_sharded_training(self, "align-booster")
         self.harmful = CyclingBatches(
-            harmful_dataset, self.args.per_device_train_batch_size, self.data_collator, seed=self.args.seed,
+            harmful_dataset, harmful_batch_size or self.args.per_device_train_batch_size, self.data_collator,
+            seed=self.args.seed,
             world=distributed.world_size(), rank=distributed.rank(),
         )
         self._extra = MetricSums()
@@ -303,7 +311,9 @@ def _setup(cfg: BoosterConfig, common, stage) -> TrainerSetup:
         examples = D.harmful_examples(common.data, "calibration")
     record = {"booster": dataclasses.asdict(cfg), "harmful_split": "train" if cfg.harmful_data == "paired"
               else "calibration", "n_harmful": len(examples)}
-    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "harmful_data"}
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("harmful_data", "harmful_batch_size")}
+    if cfg.harmful_batch_size:  # the trainer's argument only when set: unset, the trainer and its key are unchanged
+        kwargs["harmful_batch_size"] = cfg.harmful_batch_size
     return TrainerSetup(BoosterTrainer, kwargs=kwargs, record=record,
                         kwargs_fn=lambda tokenizer, model: {"harmful_dataset": harmful_dataset(common.data, tokenizer,
                                                                                               examples)})
