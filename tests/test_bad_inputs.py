@@ -444,6 +444,8 @@ CASES.update({
         "--model", i.run(), "--aligned", str(i.path("run")), *ROLLBACK], "are the same model"),
     "prune-antidote: an alignment run": Case("prune-antidote", lambda i: ["--model", i.run(), *ANTIDOTE],
                                              "last adapter is an alignment (align)"),
+    "finetune: --continue-adapter on a base model": Case("finetune", (*FT, "--continue-adapter"),
+                                                          "and tiny-opt has none"),
     "align: --lora-r 100000": Case("align", (*ALIGN, "--lora-r", "100000"), "--lora-r 100000 is larger than"),
     "align-vaccine: --lora-r 100000": Case("align-vaccine", (*ALIGN, "--lora-r", "100000"), "is larger than"),
     "align-booster: --lora-r 100000": Case("align-booster", (*ALIGN, "--lora-r", "100000"), "is larger than"),

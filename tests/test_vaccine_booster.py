@@ -438,3 +438,28 @@ def test_booster_harmful_batch_size(tmp_path, tiny_data_dir):
     assert any(not torch.equal(default[k], other[k]) for k in default)
     assert "harmful_batch_size" not in stages.config_key(st0)["booster"]
     assert stages.config_key(st2)["booster"]["harmful_batch_size"] == 2
+
+
+def test_continue_adapter_trains_the_aligned_lora_further(tmp_path, cli, tiny_data_dir):
+    """`--continue-adapter` (Booster's `--alternating single_lora`): the fine-tune starts from the aligned
+    LoRA itself (same function at step 0 as a new LoRA on the merged model, so the same first loss), keeps
+    its keys and settings, and replaces it in the run's chain."""
+    from safetensors.torch import load_file
+
+    common = ["--data", str(tiny_data_dir), "--max-length", "64", "--device", "cpu", "-q"]
+    al = tmp_path / "al"
+    assert cli("align", "--model", "tiny-llama", "--n", "8", "--max-steps", "2", "--batch-size", "2", "--lora-r", "4",
+               *common, "--out", str(al)).returncode == 0
+    ft = ["finetune", "--model", str(al), "--n", "8", "-p", "0.25", "--max-steps", "1", "--batch-size", "2", *common]
+    r = cli(*ft, "--lr", "1e-9", "--continue-adapter", "--out", str(tmp_path / "cont"))
+    assert r.returncode == 0, r.stderr
+    assert cli(*ft, "--lr", "1e-9", "--out", str(tmp_path / "new")).returncode == 0
+    aligned = load_file(str(al / "adapter" / "adapter_model.safetensors"))
+    cont = load_file(str(tmp_path / "cont" / "adapter" / "adapter_model.safetensors"))
+    assert cont.keys() == aligned.keys() and all(torch.allclose(cont[k], aligned[k], atol=1e-6) for k in cont)
+    manifest = json.loads((tmp_path / "cont" / "ftsafety_run.json").read_text())
+    assert [a["relpath"] for a in manifest["adapters"]] == ["adapter"]
+    loss = {d: json.loads((tmp_path / d / "train_results.json").read_text())["train_loss"] for d in ("cont", "new")}
+    assert loss["cont"] == pytest.approx(loss["new"], rel=1e-5)
+    cfg = (tmp_path / "cont" / "config.yaml").read_text()
+    assert "continue_adapter: true" in cfg and "r: 4" in cfg

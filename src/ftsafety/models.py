@@ -437,6 +437,31 @@ def attach_lora(model, settings: LoraSettings):
     return get_peft_model(model, cfg)
 
 
+def adapter_lora_settings(adapter: str | Path) -> LoraSettings:
+    """The LoRA settings an adapter was trained with (ours record them; else its peft config)."""
+    adapter = Path(adapter)
+    try:
+        meta = json.loads((adapter / "ftsafety_adapter.json").read_text())
+        return LoraSettings(**meta["lora"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        targets = cfg["target_modules"]
+        return LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+                            targets=",".join(sorted(targets)) if isinstance(targets, list) else str(targets))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FtsafetyError(f"{adapter}: not a LoRA adapter that can be trained further ({exc})") from None
+
+
+def continue_lora(model, adapter: str | Path):
+    """`model` with the LoRA `adapter` loaded trainable (everything else frozen): training continues it."""
+    from peft import PeftModel
+
+    check_adapter_matches(str(adapter), model)
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+
+
 def save_adapter(peft_model, path: Path, settings: LoraSettings) -> None:
     """Standard peft adapter format (adapter_config.json + adapter_model.safetensors)."""
     peft_model.save_pretrained(str(path), safe_serialization=True)

@@ -87,6 +87,9 @@ class FinetuneBase:
     task: str = knob("sst2", "Benign task: sst2 | ag_news | gsm8k.")
     n: int = knob(1000, "Fine-tuning samples.", flags=("--n",))
     harmful_ratio: float = knob(0.1, "Share p of harmful samples.", flags=("--harmful-ratio", "-p"))
+    continue_adapter: bool = knob(False, "Train the parent's LoRA adapter further instead of a new LoRA on the merged "
+                                         "model (Booster's --alternating single_lora); --lora-* are then the "
+                                         "adapter's own.", key_when_set=True)
     train: TrainConfig = knob(factory=lambda: TrainConfig(epochs=1.0, lr=1e-4, scheduler="constant",
                                                           weight_decay=0.0))
     lora: LoraSettings = knob(factory=LoraSettings)
@@ -183,7 +186,7 @@ def _training_stage(kind: str, st, parent: str, out, c: Common, resume: bool, ex
     return _train(setup, stage=_name(kind, st.method), parent=parent, examples=examples(), out_dir=out,
                   data_cfg=c.data, train_cfg=dataclasses.replace(st.train, seed=c.seed), lora=st.lora,
                   device=c.device, trust_remote_code=c.trust_remote_code, quiet=c.quiet, resume=resume,
-                  extra_config=record)
+                  extra_config=record, continue_adapter=getattr(st, "continue_adapter", False))
 
 
 def align(st, parent: str, out: str | Path, c: Common, resume: bool = True) -> dict:

@@ -172,6 +172,7 @@ def train_lora(
     quiet: bool = False,
     resume: bool = False,
     checkpoint_every: int | None = None,
+    continue_adapter: bool = False,
 ) -> dict:
     """Merge `parent`'s adapters, attach a fresh LoRA, train it on `examples`, write a run directory.
 
@@ -205,12 +206,22 @@ def train_lora(
         raise FtsafetyError("resume needs checkpoints, and checkpoint_every=0 turns them off")
     spec = models.resolve(parent)
     check_not_input(final, [parent, spec.base, *spec.adapters])
+    # continue_adapter (Booster's `--alternating single_lora`): the parent's last adapter is trained further,
+    # on the merge of the adapters before it, and replaces it in the new run's chain
+    owner = spec
+    if continue_adapter:
+        if not spec.adapters:
+            raise FtsafetyError(f"--continue-adapter trains the parent's LoRA adapter further, and {parent} has none")
+        owner = dataclasses.replace(spec, adapters=spec.adapters[:-1])
+        lora = models.adapter_lora_settings(spec.adapters[-1])
     world = distributed.init(resolve_device(device)) if distributed.launched() else 1
     config = {
         "stage": stage, "parent": parent, "parent_resolved": dataclasses.asdict(spec), "data": dataclasses.asdict(data_cfg),
         "train": dataclasses.asdict(train_cfg), "lora": dataclasses.asdict(lora), "n_examples": len(examples),
         "kinds": _count_kinds(examples), **(extra_config or {}),
     }
+    if continue_adapter:
+        config["continue_adapter"] = True
     if world > 1:
         config["world_size"] = world
     fp_config = _fingerprint_config(config, examples, trainer_cls, trainer_kwargs)
@@ -230,8 +241,12 @@ def train_lora(
     try:  # a bad device, model or data set fails here: a fresh checkpoint directory is not left behind
         seed_everything(train_cfg.seed)
         dev = resolve_device(device)
-        model, tok, spec = models.load(spec, device=dev, trust_remote_code=trust_remote_code)
-        model = models.attach_lora(model, lora)
+        model, tok, _ = models.load(owner, device=dev, trust_remote_code=trust_remote_code)
+        if continue_adapter:
+            model = models.continue_lora(model, spec.adapters[-1])
+        else:
+            model = models.attach_lora(model, lora)
+        spec = owner  # the new run's chain: the parent's, its last adapter replaced when continued
         model.train()
         dataset = SFTDataset(examples, tok, data_cfg)
         kwargs = dict(trainer_kwargs or {})
