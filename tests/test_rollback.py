@@ -235,3 +235,29 @@ def test_fa_metric_encodes_once_and_scores_as_generate():
     outs = generate(model, tok, [format_prompt(e, "alpaca", tok) for e in exs], 5, 32, engine="hf")
     want = 100.0 * sum(is_correct("sst2", o, e["gold"]) for o, e in zip(outs, exs)) / len(exs)
     assert scores == [want] * 3
+
+
+def test_gradient_passes_pair_batches_as_the_originals_zip(monkeypatch):
+    """--task-n above the harmful count (the original's 256 task prompts against 64 harmful): the task
+    direction reads every task batch, each gradient pass min(#harmful, #task) batches (its zip)."""
+    aligned, ft, ref, harm, _, cfg, layer = _setup("tiny-llama", recovery_rate=0.01)
+    task = R.encode(tiny.build("tiny-llama")[1], TASK_PROMPTS * 2, cfg.batch_size)  # 4 batches, harm has 2
+    seen = {"backward": [], "direction": []}
+    backward, direction = R.direction_backward, R.mean_direction
+
+    def count_backward(model, layer, batches, d):
+        seen["backward"].append(len(batches))
+        return backward(model, layer, batches, d)
+
+    def count_direction(model, layer, batches):
+        seen["direction"].append(len(batches))
+        return direction(model, layer, batches)
+
+    monkeypatch.setattr(R, "direction_backward", count_backward)
+    monkeypatch.setattr(R, "mean_direction", count_direction)
+    rep = R.recover_rollback(ft, ref, harm, task, Scripted([50.0, 10.0, 49.0, 48.0, 40.0], layer), cfg)
+    assert rep["rollback_mode"] and len(harm) == 2 and len(task) == 4
+    assert seen["direction"] == [4] and set(seen["backward"]) == {2}
+    assert len(seen["backward"]) == 2 + 2 * 6  # warm-up recover passes, then recover + rollback per step
+    with pytest.raises(Exception, match="--task-n must be >= 0"):
+        R.RollbackConfig(task_n=-1)

@@ -77,6 +77,10 @@ class RollbackConfig:
         "help": "Relative FA drop allowed: a checkpoint needs FA > (1 - drop) * FA(F)."})
     recovery_n: int = field(default=64, metadata={  # select_256.jsonl holds 64 prompts
         "help": "Harmful (and task) prompts for the directions."})
+    task_n: int = field(default=0, metadata={  # the original: 256 (its task direction's prompts)
+        "key_when_set": True,
+        "help": "Task prompts for the task direction (0: recovery_n; the original: 256). The gradient passes pair "
+                "harmful and task batches as the original's zip: min(#harmful, #task) batches of each."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per gradient batch."})
     max_length: int = field(default=512, metadata={
         "help": "Prompt tokens kept (the tail, so the last token stays)."})
@@ -98,6 +102,8 @@ class RollbackConfig:
             raise FtsafetyError("--fa-max-new-tokens must be >= 1")
         if self.val_n < 1:
             raise FtsafetyError(f"--val-n must be >= 1, got {self.val_n}")
+        if self.task_n < 0:
+            raise FtsafetyError(f"--task-n must be >= 0 (0: the recovery n), got {self.task_n}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,13 +312,15 @@ def recover_rollback(model, ref: AlignedReference, harm_batches: Batches, task_b
     steps, checkpoints = [], []
     state = {"chosen": 0, "snapshot": None, "d_task": None}
 
+    pairs = min(len(harm_batches), len(task_batches))  # the original's zip(harmful, task) gradient batches
+
     def step(i: int, phase: str) -> None:
         t = time.perf_counter()
-        masks, n, loss = recover_step(model, params, ref.tensors, layer, harm_batches, ref.direction, k)
+        masks, n, loss = recover_step(model, params, ref.tensors, layer, harm_batches[:pairs], ref.direction, k)
         entry = {"step": i, "phase": phase, "restored": n, "loss": loss, "cos": -loss}
         if phase == "rollback":
             entry["rolled_back"], entry["task_loss"] = rollback_step(
-                model, params, finetuned, layer, task_batches, state["d_task"], masks, cfg.rollback_rate)
+                model, params, finetuned, layer, task_batches[:pairs], state["d_task"], masks, cfg.rollback_rate)
         entry["seconds"] = round(time.perf_counter() - t, 4)
         steps.append(entry)
         log.info("%s step %d: restored %d, cos %.4f", phase, i, n, -loss)
@@ -476,7 +484,7 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
     dev = resolve_device(device)
     val = validation_examples(dcfg, task, val_n, model)
     harm = D.harmful_examples(dcfg, "calibration")[: cfg.recovery_n]
-    tasks = D.task_examples(dcfg, task, "train", cfg.recovery_n)
+    tasks = D.task_examples(dcfg, task, "train", cfg.task_n or cfg.recovery_n)
     if len(harm) < cfg.recovery_n:
         log.warning("only %d harmful calibration prompts exist (asked for %d)", len(harm), cfg.recovery_n)
 
@@ -537,7 +545,9 @@ def _run_stage(cfg: RollbackConfig, model: str, aligned: str, task: str, out, co
 def _check_data(cfg: RollbackConfig, common, task: str) -> None:
     from ftsafety import data as D
 
-    D.check_rows(f"rollback.val_n ({task})", cfg.val_n, len(D.task_examples(common.data, task, "train")))
+    rows = len(D.task_examples(common.data, task, "train"))
+    D.check_rows(f"rollback.val_n ({task})", cfg.val_n, rows)
+    D.check_rows(f"rollback.task_n ({task})", cfg.task_n, rows)
 
 
 def _done_line(rep: dict, out) -> str:
