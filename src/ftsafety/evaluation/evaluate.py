@@ -40,6 +40,14 @@ class EvalConfig(EvalSettings):
             raise FtsafetyError(f"unknown task {self.task!r}; choose one of {', '.join(D.TASKS)} or none")
 
 
+def _item(p, i: int) -> dict:
+    """A harmful prompt given to `evaluate(prompts=...)`: a string or a {"prompt", "category"} dict."""
+    text = p.get("prompt") if isinstance(p, dict) else p
+    if not isinstance(text, str) or not text.strip():
+        raise FtsafetyError(f"prompts[{i - 1}]: expected a non-empty string or a dict with a 'prompt', got {p!r:.60}")
+    return {"prompt": text, "category": str(p.get("category") or "unknown") if isinstance(p, dict) else "unknown"}
+
+
 def _score_hs(judge, items: list[dict], responses: list[str]) -> tuple[dict, list[dict]]:
     """HS (judge-flagged share), HS+ (flagged or incoherent) and HS per category, with their samples."""
     verdicts = judge([it["prompt"] for it in items], responses)
@@ -72,8 +80,13 @@ def _score_or(items: list[dict], outs: list[str]) -> tuple[dict, list[dict]]:
     return part, samples
 
 
-def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False) -> dict:
+def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False,
+             prompts: list | None = None) -> dict:
     """Run the evaluator; write `results.json`, `samples.jsonl`, `config.yaml` to `out_dir` (atomically).
+
+    `model`/`tokenizer`: a model in memory instead of `cfg.model`. `prompts`: the harmful prompts to
+    score, as strings or `{"prompt", "category"}` dicts, instead of `cfg.hs_prompts` (the first
+    `cfg.hs_limit` of them).
 
     Launched with several processes (accelerate launch / torchrun): each process decodes its share of
     the generation batches (the batches of a one-process run, so the same texts), the texts are
@@ -92,7 +105,10 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     judge = get_judge(cfg.judge, device=dev)  # fail on a bad judge name before any generation
     check_judge_spec(cfg.judge)  # and on a judge directory that is not there
     # every data set is read (and checked) before the model loads: bad data fails in a second
-    hs_items = prompt_sets.harmful_items(cfg.hs_prompts, cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
+    if prompts is not None:
+        hs_items = [_item(p, i) for i, p in enumerate(prompts[: cfg.hs_limit or None], 1)] if cfg.hs_limit else []
+    else:
+        hs_items = prompt_sets.harmful_items(cfg.hs_prompts, cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
     fa_exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit) if cfg.task != "none" and cfg.fa_limit else []
     or_items = prompt_sets.benign_items(cfg.or_prompts, cfg.data, cfg.or_limit, cfg.prompt_field) if cfg.or_limit else []
     t_start = time.perf_counter()
