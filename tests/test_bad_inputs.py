@@ -440,6 +440,9 @@ CASES.update({
         "holds an ftsafety evaluate run"),
     "recover-rollback: --model and --aligned swapped": Case("recover-rollback", lambda i: [
         "--model", _finetuned_from(i)[0], "--aligned", str(i.path("ft")), *ROLLBACK], "they look swapped"),
+    "recover-rollback: a system prompt without the chat template": Case("recover-rollback", lambda i: [
+        "--model", _finetuned_from(i)[1], "--aligned", str(i.path("al")), *ROLLBACK, "--system-prompt", "llama2"],
+        "--system-prompt needs the chat template"),
     "recover-rollback: the same model twice": Case("recover-rollback", lambda i: [
         "--model", i.run(), "--aligned", str(i.path("run")), *ROLLBACK], "are the same model"),
     "prune-antidote: an alignment run": Case("prune-antidote", lambda i: ["--model", i.run(), *ANTIDOTE],

@@ -239,3 +239,21 @@ def test_beavertails_safe_alignment_data(tiny_data_dir, tmp_path):
         D.alignment_examples(D.DataConfig(), 10, 0.0, 1, source="beavertails-safe")
     with pytest.raises(FtsafetyError, match="unknown alignment data"):
         D.alignment_examples(cfg, 10, 0.0, 1, source="safe")
+
+
+def test_system_prompt_in_the_chat_template():
+    """Rollback's `--system-prompt llama2` (the original's FastChat llama-2 conversation): a system message
+    before the user's, in the chat template only; the alpaca templates refuse one."""
+    from ftsafety import tiny
+    from ftsafety.errors import FtsafetyError
+
+    tok = tiny.build_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>"
+                         "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}")
+    ex = {"instruction": "Say hi", "input": ""}
+    assert D.format_prompt(ex, "chat", tok) == "[INST] Say hi [/INST]"
+    text = D.format_prompt(ex, "chat", tok, D.SYSTEM_PROMPTS["llama2"])
+    assert text == f"<<SYS>>{D.LLAMA2_SYSTEM_PROMPT}<</SYS>>[INST] Say hi [/INST]"
+    assert D.LLAMA2_SYSTEM_PROMPT.startswith("You are a helpful, respectful and honest assistant.")
+    with pytest.raises(FtsafetyError, match="needs the chat template"):
+        D.format_prompt(ex, "alpaca", tok, "be safe")

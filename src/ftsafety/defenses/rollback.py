@@ -81,6 +81,10 @@ class RollbackConfig:
         "key_when_set": True,
         "help": "Task prompts for the task direction (0: recovery_n; the original: 256). The gradient passes pair "
                 "harmful and task batches as the original's zip: min(#harmful, #task) batches of each."})
+    system_prompt: str = field(default="none", metadata={
+        "key_when_set": True,
+        "help": "none | llama2 (Llama-2-chat's default system prompt, as the original's FastChat llama-2 "
+                "conversation) | any text: a system message before the direction prompts (chat template)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per gradient batch."})
     max_length: int = field(default=512, metadata={
         "help": "Prompt tokens kept (the tail, so the last token stays)."})
@@ -491,8 +495,12 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
     def load(spec):
         return models.load(spec, device=dev, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
+    system = D.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
+    if system and dcfg.template != "chat":
+        raise FtsafetyError("--system-prompt needs the chat template (--template chat), as the original's prompts")
+
     def batches(tok, exs):
-        prompts = [D.format_prompt(e, dcfg.template, tok) for e in exs]
+        prompts = [D.format_prompt(e, dcfg.template, tok, system) for e in exs]
         return encode(tok, prompts, cfg.batch_size, cfg.max_length)
 
     a_model, tok, _ = load(aligned)  # A's tokenizer encodes both prompt sets, as the original
