@@ -484,6 +484,9 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
         spec = specs[given] = models.resolve(given)
         check_not_input(out_dir, [given, spec.base, *spec.adapters])
     check_roles(model, specs[model], aligned, specs[aligned])
+    system = D.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
+    if system and dcfg.template != "chat":
+        raise FtsafetyError("--system-prompt needs the chat template (--template chat), as the original's prompts")
     seed_everything(seed)
     dev = resolve_device(device)
     val = validation_examples(dcfg, task, val_n, model)
@@ -494,10 +497,6 @@ def _run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackCon
 
     def load(spec):
         return models.load(spec, device=dev, dtype=torch.float32, trust_remote_code=trust_remote_code)
-
-    system = D.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
-    if system and dcfg.template != "chat":
-        raise FtsafetyError("--system-prompt needs the chat template (--template chat), as the original's prompts")
 
     def batches(tok, exs):
         prompts = [D.format_prompt(e, dcfg.template, tok, system) for e in exs]
