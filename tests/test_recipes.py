@@ -224,3 +224,17 @@ def test_rows_run_in_parts_keep_the_recipes_order(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     rows = [row["row"] for row in json.loads((tmp_path / "report" / "table.json").read_text())["rows"]]
     assert rows == ["SFT", "Booster"]  # not the order they ran in, nor the alphabet
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("finetune.n=100000", "finetune task rows (sst2 train) asks for 90000 rows but the data has 67349"),
+    ("evaluate.hs_limit=5000", "evaluate.hs_limit (BeaverTails 30k_test) asks for 5000 rows but the data has 3021"),
+    ("align.n=30000", "align.n (BeaverTails 30k_train) asks for 30000 rows but the data has 27186"),
+])
+def test_hub_recipes_are_checked_against_the_hub_split_sizes(override, msg, cli, tmp_path):
+    """Issue 17: `--dry-run` of a hub recipe checks its row needs offline, against the hub splits' sizes."""
+    for path in sorted((RECIPES / "paper").glob("*.yaml")):  # every paper recipe fits as written
+        r = cli("run", str(path), "--dry-run", "--runs", str(tmp_path / "runs"))
+        assert r.returncode == 0, (path.name, r.stderr)
+    r = cli("run", str(RECIPES / "paper" / "lisa.yaml"), override, "--dry-run", "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2 and msg in r.stderr, r.stderr

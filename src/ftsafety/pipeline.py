@@ -229,20 +229,66 @@ def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False) -> dict:
 def check_data(pipes: list[Pipeline]) -> int:
     """Build (or count) every stage's data, not its model, before anything trains: a recipe that asks
     for more rows than its data has fails here in one line, naming the pipeline. Hub data is not
-    checked (it needs the network); returns the number of pipelines checked."""
+    read (it needs the network): its needs are checked against the hub splits' known sizes instead
+    (`_check_hub_sizes`); returns the number of pipelines checked."""
     checked = 0
     for pipe in pipes:
         r = pipe.recipe
+        where = f"row {pipe.row!r}, p={pipe.p:g}"
         if r.data == "hub":
+            try:
+                _check_hub_sizes(r)
+            except FtsafetyError as exc:
+                raise FtsafetyError(f"{where}: {exc}") from None
             continue
         c = r.common(quiet=True)
-        where = f"row {pipe.row!r}, p={pipe.p:g}"
         try:
             _check_pipeline_data(r, c)
         except FtsafetyError as exc:
             raise FtsafetyError(f"{where}: {exc}") from None
         checked += 1
     return checked
+
+
+# BeaverTails' 30k splits on the hub (HF viewer counts, safe and unsafe rows together): an upper bound on what
+# any of its filtered sets (is_safe / not is_safe) can give
+BEAVERTAILS_30K_ROWS = {"train": 27186, "test": 3021}
+
+
+def _check_hub_sizes(r: Recipe) -> None:
+    """A hub recipe's row needs against the hub splits' sizes, without the network: each task split's
+    exact size, and BeaverTails' 30k split sizes as an upper bound (its safe/unsafe shares are not
+    known offline, so a need below the bound may still fail when the data is read)."""
+    from ftsafety import data as D
+    from ftsafety.tasks import TASKS
+
+    need = D.check_rows
+    bt_train, bt_test = BEAVERTAILS_30K_ROWS["train"], BEAVERTAILS_30K_ROWS["test"]
+
+    def task_rows(task: str, split: str) -> int | None:
+        return TASKS[task].hub_rows.get(split) if task in TASKS else None
+
+    if r.align.method != S.NO_STAGE:
+        st = r.align
+        n_harm = st.n - int(round(st.n * st.benign_ratio))
+        if st.alignment_data == "beavertails-safe":
+            need("align.n (BeaverTails 30k_train)", st.n, bt_train)
+        else:
+            need("align (BeaverTails 30k_train rows from the alignment offset)", 10000 + n_harm, bt_train)
+    ft = r.finetune
+    need("finetune harmful rows (BeaverTails 30k_train)", int(ft.n * ft.harmful_ratio), bt_train)
+    rows = task_rows(ft.task, "train")
+    if rows is not None:
+        need(f"finetune task rows ({ft.task} train)", ft.n - int(ft.n * ft.harmful_ratio), rows)
+    lisa = getattr(ft, "lisa", None)
+    if ft.method == "lisa" and lisa is not None and lisa.align_n:
+        need("finetune.lisa.align_n (BeaverTails 30k_train)", lisa.align_n, bt_train)
+    ev = r.evaluate
+    if ev.hs_limit and ev.hs_prompts == "beavertails":
+        need("evaluate.hs_limit (BeaverTails 30k_test)", ev.hs_limit, bt_test)
+    rows = task_rows(ft.task, "test")
+    if ev.fa_limit and rows is not None:
+        need(f"evaluate.fa_limit ({ft.task} test)", ev.fa_limit, rows)
 
 
 def _check_pipeline_data(r: Recipe, c: S.Common) -> None:

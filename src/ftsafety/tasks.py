@@ -60,6 +60,7 @@ class Task:
     correct: Callable[[str, str], bool]
     hub_config: str | None = None
     hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    hub_rows: dict[str, int] = field(default_factory=dict)  # rows per split on the hub: dry runs check against them
 
 
 # --- SST-2 -----------------------------------------------------------------------------------------
@@ -133,13 +134,14 @@ def _gsm8k_correct(output: str, gold: str) -> bool:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("sst2", "stanfordnlp/sst2", {"train": "sst2/train.jsonl", "test": "sst2/validation.jsonl"},
          ("sentence", "label"), lambda split: builtin_data.sentiment_examples("validation" if split == "test" else split),
-         _sst2_example, _sst2_correct, hub_splits={"train": "train", "test": "validation"}),
+         _sst2_example, _sst2_correct, hub_splits={"train": "train", "test": "validation"},
+         hub_rows={"train": 67349, "test": 872}),
     Task("ag_news", "fancyzhx/ag_news", {"train": "ag_news/train.jsonl", "test": "ag_news/test.jsonl"},
          ("text", "label"), builtin_data.news_examples, _ag_news_example,
-         lambda output, gold: any(k in output for k in _AG_KEYS[gold])),
+         lambda output, gold: any(k in output for k in _AG_KEYS[gold]), hub_rows={"train": 120000, "test": 7600}),
     Task("gsm8k", "openai/gsm8k", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
          ("question", "answer"), builtin_data.arithmetic_problems, _gsm8k_example, _gsm8k_correct,
-         hub_config="main"),
+         hub_config="main", hub_rows={"train": 7473, "test": 1319}),
 )}
 
 
