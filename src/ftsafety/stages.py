@@ -89,7 +89,7 @@ class FinetuneBase:
     harmful_ratio: float = knob(0.1, "Share p of harmful samples.", flags=("--harmful-ratio", "-p"))
     continue_adapter: bool = knob(False, "Train the parent's LoRA adapter further instead of a new LoRA on the merged "
                                          "model (Booster's --alternating single_lora); --lora-* are then the "
-                                         "adapter's own.", key_when_set=True)
+                                         "adapter's own.", flags=("--continue-adapter",), key_when_set=True)
     train: TrainConfig = knob(factory=lambda: TrainConfig(epochs=1.0, lr=1e-4, scheduler="constant",
                                                           weight_decay=0.0))
     lora: LoraSettings = knob(factory=LoraSettings)
