@@ -274,7 +274,8 @@ def _check_hub_sizes(r: Recipe) -> None:
         if st.alignment_data == "beavertails-safe":
             need("align.n (BeaverTails 30k_train)", st.n, bt_train)
         else:
-            need("align (BeaverTails 30k_train rows from the alignment offset)", 10000 + n_harm, bt_train)
+            need("align (BeaverTails 30k_train rows from the alignment offset)", r.common(quiet=True).data.offset() + n_harm,
+                 bt_train)
     ft = r.finetune
     need("finetune harmful rows (BeaverTails 30k_train)", int(ft.n * ft.harmful_ratio), bt_train)
     rows = task_rows(ft.task, "train")

@@ -401,9 +401,10 @@ def run_antidote(
         raise FtsafetyError(
             f"{model} has no LoRA adapter to prune; pass a fine-tuning run directory or use --target dense"
         )
-    if cfg.target == "lora" and _adapter_stage(spec.adapters[-1]).startswith("align"):
+    stage = _adapter_stage(spec.adapters[-1]) if cfg.target == "lora" else ""
+    if stage.startswith("align"):
         raise FtsafetyError(
-            f"{model}'s last adapter is an alignment ({_adapter_stage(spec.adapters[-1])}), not a fine-tune: Antidote "
+            f"{model}'s last adapter is an alignment ({stage}), not a fine-tune: Antidote "
             "prunes the fine-tuned adapter (pass the fine-tuning run, or --target dense to prune the merged model)"
         )
     use_data = cfg.calibration_n and cfg.score == "wanda"  # the random baseline reads no harmful data
