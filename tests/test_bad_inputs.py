@@ -423,6 +423,8 @@ def _prompts(i: Inputs, name: str, content: str) -> str:
 
 CASES.update({
     # -- issue 19, second part: accepted before --------------------------------------------------
+    "align: a flag given a value (--resume true)": Case("align", (*ALIGN, "--resume", "true"),
+                                                        "flags take no value: write the flag alone"),
     "finetune: --out an evaluation run": Case("finetune", lambda i: [*FT, "--out", _evaluate_run(i)],
                                               "holds an ftsafety evaluate run"),
     "align: --out an evaluation run": Case("align", lambda i: [*ALIGN, "--out", _evaluate_run(i)],

@@ -114,6 +114,10 @@ def test_smoke_table_runs_reuses_its_stages_and_reports(tmp_path, cli):
                        for p in table["ratios"])
             assert set(row[f"{m}_p_vs_sft"]) == (set() if row["row"] == "SFT" else set(table["ratios"]))
     assert "95% Wilson interval" in md and "two-proportion" in md
+    secs = table["stage_seconds"]  # where the time went: the 37 distinct stages once each, by kind
+    assert secs["total"]["stages"] == 37 and "Time: 37 distinct stages" in md
+    assert sum(v["stages"] for k, v in secs.items() if k != "total") == 37
+    assert abs(sum(v["seconds"] for k, v in secs.items() if k != "total") - secs["total"]["seconds"]) < 0.1
     assert (results / "table.csv").read_text().count("\n") == 1 + 16
     # the rerun finds every stage finished and runs none
     r = cli("run", str(RECIPES / "smoke" / "tiny-opt.yaml"), "--runs", str(runs), "-q")
@@ -128,6 +132,22 @@ def test_smoke_table_runs_reuses_its_stages_and_reports(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "again" / "table.json").read_text())["rows"]
     assert [(r["row"], r["hs"], r["fa"]) for r in again] == [(r["row"], r["hs"], r["fa"]) for r in table["rows"]]
+
+
+def test_stage_seconds_count_a_shared_stage_once():
+    from ftsafety.report import _time_line, stage_seconds
+
+    align = {"kind": "align", "method": "sft", "key": "a1", "seconds": 100.0}
+    recs = [{"stages": [align, {"kind": "finetune", "method": "sft", "key": "f1", "seconds": 30.0},
+                        {"kind": "evaluate", "method": "keyword", "key": "e1", "seconds": 5.0}]},
+            {"stages": [align, {"kind": "finetune", "method": "sft", "key": "f2", "seconds": 40.0},
+                        {"kind": "evaluate", "method": "keyword", "key": "e2", "seconds": 6.0}]}]
+    secs = stage_seconds(recs)
+    assert list(secs) == ["align", "finetune", "evaluate", "total"]
+    assert secs["align"] == {"stages": 1, "seconds": 100.0} and secs["finetune"] == {"stages": 2, "seconds": 70.0}
+    assert secs["total"] == {"stages": 5, "seconds": 181.0}
+    assert _time_line(secs).startswith("Time: 5 distinct stages, 181 s = 0.05 h of stage time (align 1 (100 s), ")
+    assert _time_line({}) == ""
 
 
 def test_smoke_llama_stack_runs(tmp_path, cli):

@@ -129,6 +129,23 @@ def _os_problem(exc: BaseException) -> str | None:
     return None
 
 
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _flag_value_hint(exc: BaseException) -> str:
+    """`--resume true` is a flag followed by a stray word: say that flags take no value."""
+    import re
+
+    m = re.search(r"unexpected extra argument(?:s|\(s\))? \(([^)]*)\)", str(exc.format_message()))
+    word = m.group(1).split()[0] if m and m.group(1).split() else ""
+    if word.lower() not in _BOOL_WORDS:
+        return ""
+    args = sys.argv[1:]
+    flags = [a for a, b in zip(args, args[1:]) if b == word and a.startswith("-")]
+    flag = flags[0] if flags else "--resume"
+    return f"; flags take no value: write the flag alone ({flag}, not {flag} {word})"
+
+
 def main() -> None:
     """Console entry point: one-line errors, non-zero exits."""
     try:
@@ -152,7 +169,7 @@ def main() -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # bad option value, unknown option
             ctx = getattr(exc, "ctx", None)
             where = f" ({ctx.command_path})" if ctx is not None else ""
-            typer.secho(f"error: {_one_line(exc.format_message())}{where}", err=True, fg="red")
+            typer.secho(f"error: {_one_line(exc.format_message())}{where}{_flag_value_hint(exc)}", err=True, fg="red")
             sys.exit(exc.exit_code or 2)
         if type(exc).__name__ == "Abort":
             sys.exit(130)

@@ -80,7 +80,37 @@ def build_table(records: list[dict]) -> dict:
     sets = {k: sorted({str(rec["results"].get(f"{k}_prompts", d)) for rec in records})
             for k, d in (("hs", "beavertails"), ("or", "builtin"))}
     return {"ratios": [f"{p:g}" for p in ratios], "rows": list(rows.values()), "significance_alpha": ALPHA,
-            "prompt_sets": sets}
+            "prompt_sets": sets, "stage_seconds": stage_seconds(records)}
+
+
+STAGE_KINDS = ("align", "finetune", "post", "evaluate")
+
+
+def stage_seconds(records: list[dict]) -> dict:
+    """Where the table's time went: each distinct stage once (pipelines share stages), as recorded when it
+    ran, summed by kind. {kind: {"stages": n, "seconds": s}, ..., "total": {...}}."""
+    seen: dict[tuple, dict] = {}
+    for rec in records:
+        for s in rec["stages"]:
+            seen.setdefault((s["kind"], s["method"], s.get("key") or s.get("dir")), s)
+    out: dict[str, dict] = {}
+    for (kind, _, _), s in seen.items():
+        for k in (kind, "total"):
+            slot = out.setdefault(k, {"stages": 0, "seconds": 0.0})
+            slot["stages"] += 1
+            slot["seconds"] = round(slot["seconds"] + (s.get("seconds") or 0.0), 2)
+    order = [k for k in STAGE_KINDS if k in out] + sorted(k for k in out if k not in STAGE_KINDS and k != "total")
+    return {k: out[k] for k in [*order, "total"] if k in out}
+
+
+def _time_line(secs: dict) -> str:
+    total = secs.get("total")
+    if not total:
+        return ""
+    parts = ", ".join(f"{k} {v['stages']} ({v['seconds']:,.0f} s)" for k, v in secs.items() if k != "total")
+    return (f"Time: {total['stages']} distinct stages, {total['seconds']:,.0f} s = {total['seconds'] / 3600:.2f} h "
+            f"of stage time ({parts}), each stage counted once and timed when it ran (on a shared machine "
+            "the seconds include the contention; a cached stage costs nothing on a rerun).")
 
 
 def _count(rate: float | None, n: int | None) -> int | None:
@@ -163,6 +193,9 @@ def markdown(table: dict, meta: dict) -> str:
         lines += ["", *notes]
     lines += ["", "Pipelines (stage:method, in order):", ""]
     lines += [f"- {r['row']}: {' → '.join(r['methods'])}" for r in table["rows"]]
+    time_line = _time_line(table.get("stage_seconds", {}))
+    if time_line:
+        lines += ["", time_line]
     return "\n".join(lines) + "\n"
 
 
