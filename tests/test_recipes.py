@@ -246,6 +246,22 @@ def test_rows_run_in_parts_keep_the_recipes_order(tmp_path, cli):
     assert rows == ["SFT", "Booster"]  # not the order they ran in, nor the alphabet
 
 
+def test_a_variant_run_names_itself_or_is_told_it_replaces_the_rows_record(tmp_path, cli):
+    """A row run again with other settings (KEY=VALUE overrides) replaces that row's record, with a warning;
+    `name=...` keeps the variant's records (and its table) apart, reusing the shared finished stages."""
+    recipe, runs = str(RECIPES / "smoke" / "tiny-opt.yaml"), str(tmp_path / "runs")
+    base = (recipe, "table.ratios=[0]", "--only", "SFT", "--runs", runs, "-q")
+    assert cli("run", *base).returncode == 0
+    r = cli("run", *base)  # the same settings: all cached, nothing said
+    assert r.returncode == 0 and "replacing its record" not in r.stderr, r.stderr
+    r = cli("run", *base, "name=lr-variant", "finetune.train.lr=3e-4")
+    assert r.returncode == 0 and "2 to run" in r.stdout and "replacing" not in r.stderr, (r.stdout, r.stderr)
+    assert sorted(p.name for p in (tmp_path / "runs" / "pipelines").iterdir()) == ["lr-variant", "smoke-tiny-opt"]
+    r = cli("run", *base, "finetune.train.lr=3e-4")  # the variant's stages are cached; the default row's record goes
+    assert r.returncode == 0 and "0 to run" in r.stdout, r.stdout
+    assert "SFT p=0: replacing its record" in r.stderr and "name=smoke-tiny-opt-variant" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("override,msg", [
     ("finetune.n=100000", "finetune task rows (sst2 train) asks for 90000 rows but the data has 67349"),
     ("evaluate.hs_limit=5000", "evaluate.hs_limit (BeaverTails 30k_test) asks for 5000 rows but the data has 3021"),

@@ -357,6 +357,19 @@ def record_path(runs_dir: Path, recipe: Recipe, pipe: Pipeline) -> Path:
     return runs_dir / "pipelines" / recipe.name / f"{slug}-p{pipe.p:g}.json"
 
 
+def _warn_if_replacing(path: Path, rec: dict) -> None:
+    """A row's record written by other settings (a variant run with KEY=VALUE overrides into the same runs
+    directory) is replaced, so the table shows the last run; say so, and how to keep both."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if [s.get("key") for s in old.get("stages", [])] != [s["key"] for s in rec["stages"]]:
+        log.warning("%s p=%g: replacing its record in %s, written with other settings; to keep both tables, "
+                    "give the variant its own name (e.g. name=%s-variant)", rec["row"], rec["p"], path.parent,
+                    rec["recipe"])
+
+
 def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path, quiet: bool = False,
             only: list[str] | None = None, echo=print) -> tuple[Recipe, list[dict]]:
     """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
@@ -394,6 +407,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
             "row_order": order.index(pipe.row), "date": time.strftime("%Y-%m-%d"),
             "environment_eval": results.get("environment", {}),
         }
+        _warn_if_replacing(record_path(runs_dir, recipe, pipe), rec)
         write_json(record_path(runs_dir, recipe, pipe), rec)
         records.append(rec)
     echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({n} stages run, "
