@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -134,10 +135,8 @@ _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 def _flag_value_hint(exc: BaseException) -> str:
     """`--resume true` is a flag followed by a stray word: say that flags take no value."""
-    import re
-
-    m = re.search(r"unexpected extra argument(?:s|\(s\))? \(([^)]*)\)", str(exc.format_message()))
-    word = m.group(1).split()[0] if m and m.group(1).split() else ""
+    m = re.search(r"unexpected extra argument(?:s|\(s\))? \((\S+)", str(exc.format_message()))
+    word = m.group(1).rstrip(")") if m else ""
     if word.lower() not in _BOOL_WORDS:
         return ""
     args = sys.argv[1:]

@@ -407,8 +407,9 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
             "row_order": order.index(pipe.row), "date": time.strftime("%Y-%m-%d"),
             "environment_eval": results.get("environment", {}),
         }
-        _warn_if_replacing(record_path(runs_dir, recipe, pipe), rec)
-        write_json(record_path(runs_dir, recipe, pipe), rec)
+        out = record_path(runs_dir, recipe, pipe)
+        _warn_if_replacing(out, rec)
+        write_json(out, rec)
         records.append(rec)
     echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({n} stages run, "
          f"{len(distinct) - total} reused)")
