@@ -11,7 +11,7 @@ from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation import judges as J
 from ftsafety.evaluation.evaluate import EvalConfig, evaluate
 from ftsafety.evaluation.generate import generate
-from ftsafety.evaluation.tasks import extract_number, is_correct
+from ftsafety.evaluation.tasks import accuracy_by_label, extract_number, is_correct
 
 
 def test_task_scoring_rules():
@@ -29,6 +29,19 @@ def test_task_scoring_rules():
     assert extract_number("The final answer is: 5. The final answer is: 7") == 5.0
     assert extract_number("-3.5 degrees") == -3.5
     assert is_correct("gsm8k", "The final answer is: 42", "42") and not is_correct("gsm8k", "41", "42")
+
+
+def test_fa_per_gold_label_shows_a_one_label_answerer():
+    """A model answering "negative" to everything: FA 50 on balanced items, 100 / 0 per label."""
+    golds = ["positive", "negative"] * 3
+    correct = [is_correct("sst2", "negative", g) for g in golds]
+    assert accuracy_by_label("sst2", golds, correct) == {"negative": {"fa": 100.0, "n": 3},
+                                                         "positive": {"fa": 0.0, "n": 3}}
+    # labels in the task's order, absent ones left out; no labels for GSM8K
+    assert list(accuracy_by_label("ag_news", ["Sports", "World", "Sports"], [True, False, False])) == ["World", "Sports"]
+    assert accuracy_by_label("ag_news", ["Sports", "World", "Sports"], [True, False, False])["Sports"] == {"fa": 50.0,
+                                                                                                          "n": 2}
+    assert accuracy_by_label("gsm8k", ["42"], [True]) == {}
 
 
 def test_keyword_judge_and_incoherence():
@@ -118,6 +131,9 @@ def test_evaluate_writes_run_directory(tmp_path, tiny_data_dir):
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert saved["hs_n"] == 6 and saved["fa_n"] == 4 and saved["or_n"] == 3 and 0 <= saved["hs"] <= 100
     assert saved["hs_plus"] >= saved["hs"] and saved["judge"]["name"] == "keyword"
+    by_gold = saved["fa_by_gold"]  # SST-2 by default: FA per gold label, counts adding up to fa_n
+    assert set(by_gold) <= {"negative", "positive"} and sum(v["n"] for v in by_gold.values()) == 4
+    assert abs(sum(v["fa"] * v["n"] for v in by_gold.values()) / 4 - saved["fa"]) < 0.1
     assert saved["environment"]["versions"]["torch"]
     lines = (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 13 and {"prompt", "response"} <= set(json.loads(lines[0]))

@@ -61,6 +61,7 @@ class Task:
     hub_config: str | None = None
     hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
     hub_rows: dict[str, int] = field(default_factory=dict)  # rows per split on the hub: dry runs check against them
+    labels: tuple[str, ...] = ()  # a classification task's gold labels (FA is also given per label); () otherwise
 
 
 # --- SST-2 -----------------------------------------------------------------------------------------
@@ -135,14 +136,27 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("sst2", "stanfordnlp/sst2", {"train": "sst2/train.jsonl", "test": "sst2/validation.jsonl"},
          ("sentence", "label"), lambda split: builtin_data.sentiment_examples("validation" if split == "test" else split),
          _sst2_example, _sst2_correct, hub_splits={"train": "train", "test": "validation"},
-         hub_rows={"train": 67349, "test": 872}),
+         hub_rows={"train": 67349, "test": 872}, labels=("negative", "positive")),
     Task("ag_news", "fancyzhx/ag_news", {"train": "ag_news/train.jsonl", "test": "ag_news/test.jsonl"},
          ("text", "label"), builtin_data.news_examples, _ag_news_example,
-         lambda output, gold: any(k in output for k in _AG_KEYS[gold]), hub_rows={"train": 120000, "test": 7600}),
+         lambda output, gold: any(k in output for k in _AG_KEYS[gold]), hub_rows={"train": 120000, "test": 7600},
+         labels=AG_NEWS_LABELS),
     Task("gsm8k", "openai/gsm8k", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
          ("question", "answer"), builtin_data.arithmetic_problems, _gsm8k_example, _gsm8k_correct,
          hub_config="main", hub_rows={"train": 7473, "test": 1319}),
 )}
+
+
+def accuracy_by_label(task: str, golds: list[str], correct: list[bool]) -> dict[str, dict]:
+    """A classification task's FA per gold label, {label: {"fa": %, "n": items}}, labels in the task's order and
+    only those present; {} for a task without labels (GSM8K). A model that answers one label to everything
+    scores 100 on it and 0 on the others, which the overall FA hides when the labels are balanced."""
+    counts = {label: [0, 0] for label in TASKS[task].labels}
+    for gold, ok in zip(golds, correct):
+        if gold in counts:
+            counts[gold][0] += int(ok)
+            counts[gold][1] += 1
+    return {label: {"fa": round(100.0 * c / n, 1), "n": n} for label, (c, n) in counts.items() if n}
 
 
 def is_correct(task: str, output: str, gold: str) -> bool:

@@ -16,7 +16,7 @@ from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.settings import EvalSettings
 from ftsafety.evaluation.generate import generate_with_counts
 from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal
-from ftsafety.evaluation.tasks import is_correct
+from ftsafety.evaluation.tasks import accuracy_by_label, is_correct
 from ftsafety.rundir import write_run
 from ftsafety.utils import check_not_input, check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
 
@@ -66,6 +66,9 @@ def _score_fa(task: str, exs: list[dict], outs: list[str]) -> tuple[dict, list[d
     """FA: the task's own rule (`ftsafety.tasks`) on each answer."""
     correct = [is_correct(task, o, e["gold"]) for o, e in zip(outs, exs)]
     part = {"fa": 100.0 * sum(correct) / len(exs), "fa_n": len(exs), "task": task}
+    by_gold = accuracy_by_label(task, [e["gold"] for e in exs], correct)
+    if by_gold:
+        part["fa_by_gold"] = by_gold
     samples = [{"kind": "task", "task": task, "prompt": e["input"] or e["instruction"], "response": o,
                 "gold": e["gold"], "correct": c} for e, o, c in zip(exs, outs, correct)]
     return part, samples
@@ -231,3 +234,6 @@ def print_results(results: dict) -> None:
         f"{results['timings']['total_s']:.0f}s",
     )
     console.print(table)
+    if results.get("fa_by_gold"):
+        console.print("FA by gold label: " + ", ".join(f"{label} {v['fa']:.1f}% (n={v['n']})"
+                                                       for label, v in results["fa_by_gold"].items()))
