@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ftsafety import data as D
 from ftsafety import models
+from ftsafety.evaluation.evaluate import _score_fa
 from ftsafety.evaluation.generate import generate
 from ftsafety.evaluation.stats import wilson
-from ftsafety.evaluation.tasks import accuracy_by_label, is_correct
 from ftsafety.utils import write_json
 
 
@@ -39,22 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [r.split("=", 1) for r in a.runs]
     if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
         ap.error("each run is LABEL=RUN_DIR")
-    exs = D.task_examples(D.DataConfig(data=a.data), a.task, "test", None)[a.skip:]
+    data = D.DataConfig(data=a.data)
+    exs = D.task_examples(data, a.task, "test", None)[a.skip:]
     exs = exs[: a.limit] if a.limit else exs
     if not exs:
         ap.error(f"no {a.task} test items after the first {a.skip}")
-    golds = [e["gold"] for e in exs]
     out = {"task": a.task, "data": a.data, "items": f"{a.skip}..{a.skip + len(exs) - 1}", "runs": {}}
     for label, run in pairs:
         t0 = time.perf_counter()
         model, tok, _ = models.load(run, device="cpu")
-        prompts = [D.format_prompt(e, "alpaca", tok) for e in exs]
+        prompts = [D.format_prompt(e, data.template, tok) for e in exs]
         answers = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
-        correct = [is_correct(a.task, o, g) for o, g in zip(answers, golds)]
-        lo, hi = wilson(sum(correct), len(correct))
-        res = {"run": run, "fa": round(100.0 * sum(correct) / len(correct), 1), "n": len(correct),
+        part, samples = _score_fa(a.task, exs, answers)  # the evaluator's FA: the task's rule, per gold label
+        lo, hi = wilson(sum(s["correct"] for s in samples), part["fa_n"])
+        res = {"run": run, "fa": round(part["fa"], 1), "n": part["fa_n"],
                "interval": [round(100 * lo, 1), round(100 * hi, 1)],
-               "by_gold": accuracy_by_label(a.task, golds, correct), "seconds": round(time.perf_counter() - t0, 1)}
+               "by_gold": part.get("fa_by_gold", {}), "seconds": round(time.perf_counter() - t0, 1)}
         out["runs"][label] = res
         per = ", ".join(f"{g} {v['fa']:.1f}" for g, v in res["by_gold"].items())
         print(f"{label}: FA {res['fa']:.1f} [{res['interval'][0]:.1f}, {res['interval'][1]:.1f}] n={res['n']}"
