@@ -22,7 +22,7 @@ install:
 
 # The SFT row's phenomenon on SmolLM2-135M-Instruct in under 20 minutes on 2 cores (recipes/quick/table.yaml):
 # align, evaluate; fine-tune on SST-2 at p=0 and p=0.2, evaluate; print the table (results/quick/table.md).
-# Its stages go to the small table's runs directory (the two alignments differ now: 2 epochs here, 1 there).
+# Its stages go to the small table's runs directory, so `make reproduce-table` reuses the alignment.
 demo: install
 	ftsafety run recipes/quick/table.yaml data=$(DATA) --runs $(RUNS) --results results/quick
 
