@@ -9,7 +9,7 @@ RUNS ?= runs/table-small
 LOCK := src/ftsafety/locked-requirements.txt
 LOCK_TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: install demo test test-latest lock test-slow test-dist test-gpu reproduce-table report bench bench-eval bench-align bench-lisa bench-post clean
+.PHONY: install demo test test-latest lock test-slow test-dist test-gpu reproduce-table report judge validate-judge bench bench-eval bench-align bench-lisa bench-post clean
 
 # Every package at its locked release, except an installed torch (a GPU user's CUDA build stays; without one
 # the locked CPU build is installed). `pip install -c` reads the lock as constraints.
@@ -76,6 +76,20 @@ reproduce-table: install
 # Rebuild results/table.* and the plot from finished runs.
 report:
 	ftsafety report runs/table-$(PROFILE) --out $(TABLE_OUT)
+
+# The learned judge (ftsafety-judge) from the labelled set's train split, into the package
+# (src/ftsafety/judge/: a few kB of head weights and their manifest); deterministic. The labels refer to
+# two gated sets (AdvBench, StrongREJECT) by hash: JUDGE_DATA is a data directory whose prompts/ holds them
+# (scripts/build_prompt_sets.py writes it from the sets' own release files).
+JUDGE_DATA ?= $(DATA)
+JUDGE_LAYERS ?= 4,6,8
+judge: install
+	ftsafety train-judge --labels tests/data/judge/labels.jsonl --data $(JUDGE_DATA) --layers $(JUDGE_LAYERS) \
+		--out src/ftsafety/judge
+
+# The judges against the held-out test split's labels (README's table; results/judge-validation.*).
+validate-judge: install
+	$(PY) scripts/validate_judge.py --out results/judge-validation
 
 # Benchmarks print ratios measured in one run (MODEL=tiny-llama for a quick look).
 # `make bench` runs all four parts and writes results/bench.md + results/bench.json (about 45 min with the

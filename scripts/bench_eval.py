@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from ftsafety import data as D
-from ftsafety import models
+from ftsafety import models, prompt_sets
 from ftsafety.evaluation.generate import encode_prompts, fast_path_reason, generate_from_ids
 
 
@@ -58,7 +58,7 @@ def run(model: str = "smollm2-135m", data: str = "builtin", n: int = 128, max_ne
         net, tok = loaded
     dev = next(net.parameters()).device
     cfg = D.DataConfig(data=data)
-    items = D.harmful_eval_prompts(cfg, n)
+    items = prompt_sets.items("beavertails", "harmful", cfg, n)
     prompts = [D.format_prompt({"instruction": p["prompt"]}, cfg.template, tok) for p in items]
     encoded = encode_prompts(tok, prompts)
     n = len(prompts)

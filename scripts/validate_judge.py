@@ -1,39 +1,117 @@
-"""The offline judges against the hand labels of tests/data/judge/labels.jsonl.
+"""The judges against the labels of tests/data/judge/labels.jsonl, on the held-out test split.
 
-Run as:  python scripts/validate_judge.py [--labels tests/data/judge/labels.jsonl] [--judges keyword,compliance]
+Run as:  python scripts/validate_judge.py [--labels tests/data/judge/labels.jsonl] [--data DIR]
+             [--judges ftsafety-judge,compliance,keyword] [--bootstrap 2000]
 
-Each labelled pair carries its split: `dev` (the pairs the compliance judge's rules were written and
-adjusted on) and `test` (held out: labelled after the judge's rules were frozen, never used to change
-them). The figures to report are the `test` ones. Prints, for every judge and split: n, agreement
-(accuracy), precision and recall of "harmful", each with its 95% Wilson interval, and Cohen's kappa.
+The labelled set (its card: tests/data/judge/README.md) holds (prompt, response) pairs answered by many
+model states, each labelled refusal / compliance / harmful by reading it against
+tests/data/judge/RUBRIC.md. `ftsafety-judge` was trained on the `train` split only and frozen before
+the `test` split was labelled; the test split holds model states and a prompt set (jbb) that no
+training pair came from. For each judge and two binary questions, harmful-vs-not (`harmful` against
+the rest: what HS counts) and refusal-vs-not (`refusal` against the rest: what the compliance rate
+counts), it prints agreement, precision, recall and Cohen's kappa, each with a 95% bootstrap interval
+(resampling prompts, with all their pairs, 2000 times; seed 0). The second labeller's overlap
+(labels_second.jsonl) gives the labellers' own kappa: the ceiling a judge can reach.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import random
+from collections import defaultdict
 from pathlib import Path
 
-from ftsafety.evaluation.judges import get_judge
+from ftsafety.evaluation.judge_train import load_labels
 from ftsafety.evaluation.stats import agreement
 
-LABELS = Path(__file__).resolve().parents[1] / "tests" / "data" / "judge" / "labels.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ROOT / "tests" / "data" / "judge" / "labels.jsonl"
+SECOND = ROOT / "tests" / "data" / "judge" / "labels_second.jsonl"
+JUDGES = ("ftsafety-judge", "compliance", "keyword")
+QUESTIONS = {"harmful": "harmful-vs-not", "refusal": "refusal-vs-not"}
+FIGURES = ("accuracy", "precision", "recall", "kappa")
 
 
-def load(path: str | Path = LABELS) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+SPEED: dict[str, float] = {}  # pairs per second of each judge in the last `predictions` call (model loaded)
 
 
-def scores(rows: list[dict], judges: tuple[str, ...] = ("keyword", "compliance")) -> dict:
-    """{judge: {split: agreement figures}} for the splits dev, test and all."""
+def predictions(rows: list[dict], judge_name: str) -> list[str | None]:
+    """Each pair's label by `judge_name` (None where the judge cannot tell refusal from compliance)."""
+    import time
+
+    from ftsafety.evaluation.judges import get_judge
+
+    judge = get_judge(judge_name)
+    try:
+        judge([rows[0]["prompt"]], [rows[0]["response"]])  # loads a model judge's weights before the clock starts
+        t0 = time.perf_counter()
+        verdicts = judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+        SPEED[judge_name] = len(rows) / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        judge.close()
+    return [v.label if v.label is not None else ("harmful" if v.flagged else None) for v in verdicts]
+
+
+def binary(labels: list[str], predicted: list[str | None], cls: str) -> dict:
+    return agreement([y == cls for y in labels], [p == cls for p in predicted])
+
+
+def bootstrap(labels: list[str], predicted: list[str | None], groups: list[str], cls: str, n: int = 2000,
+              seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of the binary figures, resampling groups (prompts) with replacement."""
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_group[g].append(i)
+    keys = sorted(by_group)
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {f: [] for f in FIGURES}
+    for _ in range(n):
+        idx = [i for _ in keys for i in by_group[keys[rng.randrange(len(keys))]]]
+        a = binary([labels[i] for i in idx], [predicted[i] for i in idx], cls)
+        for f in FIGURES:
+            draws[f].append(a[f])
+    out = {}
+    for f, values in draws.items():
+        values.sort()
+        out[f] = (values[int(0.025 * n)], values[min(n - 1, int(0.975 * n))])
+    return out
+
+
+def figures(labels: list[str], predicted: list[str | None], groups: list[str], n_boot: int) -> dict:
+    out = {}
+    for cls in QUESTIONS:
+        a = binary(labels, predicted, cls)
+        a["ci"] = bootstrap(labels, predicted, groups, cls, n_boot) if n_boot else {}
+        out[cls] = a
+    return out
+
+
+def scores(rows: list[dict], judges: tuple[str, ...] = JUDGES, n_boot: int = 2000, split: str = "test") -> dict:
+    """{judge: {"all"|"unseen states"|"unseen set": {"harmful"|"refusal": figures}}} on `split`."""
+    test = [r for r in rows if r["split"] == split and r.get("prompt") is not None]
+    train_states = {r.get("state") for r in rows if r["split"] == "train"}
+    train_sources = {r.get("source") for r in rows if r["split"] == "train"}
+    parts = {"all": test, "unseen states": [r for r in test if r.get("state") not in train_states],
+             "unseen set": [r for r in test if r.get("source") not in train_sources]}
     out = {}
     for name in judges:
-        judge = get_judge(name)
-        flagged = [v.flagged for v in judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
-        out[name] = {}
-        for split in ("dev", "test", "all"):
-            idx = [i for i, r in enumerate(rows) if split == "all" or r["split"] == split]
-            out[name][split] = agreement([bool(rows[i]["label"]) for i in idx], [flagged[i] for i in idx])
+        pred = dict(zip((r["id"] for r in test), predictions(test, name)))
+        out[name] = {part: figures([r["label"] for r in sub], [pred[r["id"]] for r in sub],
+                                   [r["prompt"].strip().lower() for r in sub], n_boot if part == "all" else 0)
+                     for part, sub in parts.items() if sub}
+    return out
+
+
+def labellers(rows: list[dict], second: list[dict], n_boot: int = 2000) -> dict:
+    """The two labellers' agreement on their overlap (the first labeller's labels as the reference)."""
+    first = {r["id"]: r for r in rows}
+    both = [s for s in second if s["id"] in first]
+    labels = [first[s["id"]]["label"] for s in both]
+    other = [s["label"] for s in both]
+    groups = [(first[s["id"]].get("prompt") or first[s["id"]].get("prompt_sha256", s["id"])).strip().lower() for s in both]
+    out = figures(labels, other, groups, n_boot)
+    out["three_class_agreement"] = sum(a == b for a, b in zip(labels, other)) / len(both) if both else 0.0
+    out["n"] = len(both)
     return out
 
 
@@ -41,29 +119,71 @@ def _pct(x: float, ci: tuple[float, float] | None = None) -> str:
     return f"{100 * x:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
-def markdown(figures: dict, split: str = "test") -> str:
-    lines = ["| judge | split | n | agreement % | precision % | recall % | Cohen's kappa |", "|---|---|---:|---|---|---|---:|"]
-    for name, by_split in figures.items():
-        a = by_split[split]
-        lines.append(f"| {name} | {split} | {a['n']} | {_pct(a['accuracy'], a['accuracy_ci'])} | "
-                     f"{_pct(a['precision'], a['precision_ci'])} | {_pct(a['recall'], a['recall_ci'])} | {a['kappa']:.3f} |")
+def _kappa(x: float, ci: tuple[float, float] | None = None) -> str:
+    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def markdown(figs: dict, part: str = "all", ceiling: dict | None = None) -> str:
+    lines = ["| judge | question | n (positive) | agreement % | precision % | recall % | Cohen's κ |",
+             "|---|---|---:|---|---|---|---|"]
+    rows = [(name, by_part[part]) for name, by_part in figs.items() if part in by_part]
+    if ceiling is not None and part == "all":
+        rows.append(("second labeller (the ceiling)", ceiling))
+    for name, by_q in rows:
+        for cls, q in QUESTIONS.items():
+            a = by_q[cls]
+            ci = a.get("ci") or {}
+            lines.append(f"| {name} | {q} | {a['n']} ({a['tp'] + a['fn']}) | {_pct(a['accuracy'], ci.get('accuracy'))} | "
+                         f"{_pct(a['precision'], ci.get('precision'))} | {_pct(a['recall'], ci.get('recall'))} | "
+                         f"{_kappa(a['kappa'], ci.get('kappa'))} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labels", default=str(LABELS))
-    ap.add_argument("--judges", default="keyword,compliance")
+    ap.add_argument("--second", default=str(SECOND))
+    ap.add_argument("--data", default=None, help="a data directory with the gated sets' prompts (train split only)")
+    ap.add_argument("--judges", default=",".join(JUDGES))
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--out", help="also write OUT.json and OUT.md (results/judge-validation)")
     args = ap.parse_args(argv)
-    rows = load(args.labels)
-    figures = scores(rows, tuple(j for j in args.judges.split(",") if j))
-    harmful = sum(r["label"] for r in rows)
-    print(f"{len(rows)} labelled pairs ({harmful} harmful); sources: "
-          + ", ".join(sorted({r['source'] for r in rows})))
-    for split in ("test", "dev"):
-        print()
-        print(markdown(figures, split))
-    return figures
+    rows = load_labels(args.labels, args.data, need_text=False)
+    figs = scores(rows, tuple(j for j in args.judges.split(",") if j), args.bootstrap)
+    second = load_labels(args.second, need_text=False) if Path(args.second).is_file() else []
+    ceiling = labellers(rows, second, args.bootstrap) if second else None
+    test = [r for r in rows if r["split"] == "test"]
+    counts = {c: sum(r["label"] == c for r in test) for c in ("refusal", "compliance", "harmful")}
+    print(f"{len(rows)} labelled pairs; test split {len(test)} ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+          f"from {len({r.get('state') for r in test})} model states and {len({r.get('source') for r in test})} prompt sources")
+    print()
+    print(markdown(figs, "all", ceiling))
+    for part in ("unseen states", "unseen set"):
+        print(f"\n{part} only (no interval):\n")
+        print(markdown(figs, part))
+    if ceiling:
+        print(f"\nlabellers: {ceiling['n']} pairs labelled twice, three-class agreement "
+              f"{100 * ceiling['three_class_agreement']:.1f}%")
+    speed = ", ".join(f"{k} {v:.1f}" for k, v in SPEED.items())
+    print(f"\npairs per second on the test split (this machine, {torch_threads()} threads): {speed}")
+    result = {"judges": figs, "labellers": ceiling, "pairs_per_second": SPEED, "test_counts": counts,
+              "bootstrap": args.bootstrap}
+    if args.out:
+        import json
+
+        from ftsafety.utils import atomic_write_text, write_json
+
+        write_json(f"{args.out}.json", result)
+        text = "\n\n".join([f"Test split: {len(test)} pairs.", markdown(figs, "all", ceiling),
+                             *(f"{part} only:\n\n{markdown(figs, part)}" for part in ("unseen states", "unseen set"))])
+        atomic_write_text(f"{args.out}.md", text + "\n")
+    return result
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ftsafety import data as D
+from ftsafety import prompt_sets as P
 from ftsafety import models
 from ftsafety.errors import DataError, FtsafetyError
 
@@ -38,7 +39,7 @@ def test_local_and_builtin_sources_give_same_fields(tiny_data_dir):
             assert len(ex) == 5 and {"instruction", "input", "output", "gold"} <= set(ex[0])
         h = D.harmful_examples(cfg, "train")[0]
         assert h["instruction"] and h["output"] and h["category"]
-        assert D.harmful_eval_prompts(cfg, 3)[0]["prompt"]
+        assert P.items("beavertails", "harmful", cfg, 3)[0]["prompt"]
 
 
 @pytest.mark.parametrize("source", ["builtin", "local"])

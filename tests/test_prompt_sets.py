@@ -30,7 +30,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(P.SETS))
+@pytest.mark.parametrize("name", [n for n, s in P.SETS.items() if s.reader is None])  # the defaults: below
 def test_each_named_set_reads_a_local_copy_with_hub_fields(name, tmp_path, monkeypatch):
     pset = P.SETS[name]
     _jsonl(tmp_path / "prompts" / f"{name}.jsonl", [_hub_row(pset, i) for i in range(10)])
@@ -39,7 +39,7 @@ def test_each_named_set_reads_a_local_copy_with_hub_fields(name, tmp_path, monke
         raise AssertionError("hub reached")
 
     monkeypatch.setattr(P, "_hub_rows", no_hub)
-    items = P.load(name, pset.kind, str(tmp_path), n=4)
+    items = P.items(name, pset.kind, str(tmp_path), n=4)
     kept = [i for i in range(10) if pset.keep is None or pset.keep(_hub_row(pset, i))]
     assert [it["prompt"] for it in items] == [f"{name} prompt number {i}?" for i in kept[:4]]
     if pset.category_fields:
@@ -68,7 +68,7 @@ def test_any_local_file_format(suffix, tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         path.write_text("\n".join(r["goal"] for r in rows) + "\n\n")
-    items = P.load(str(path), "harmful", None)
+    items = P.items(str(path), "harmful", None)
     assert [it["prompt"] for it in items] == [r["goal"] for r in rows]
     if suffix != ".txt":
         assert items[0]["category"] == "first" and items[1]["category"] == "misc"
@@ -76,7 +76,7 @@ def test_any_local_file_format(suffix, tmp_path):
 
 def test_prompt_field_names_the_column(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"text": "a", "prompt": "not this"}, {"text": "b", "prompt": "nor this"}])
-    assert [it["prompt"] for it in P.load(str(path), "harmful", None, prompt_field="text")] == ["a", "b"]
+    assert [it["prompt"] for it in P.items(str(path), "harmful", None, prompt_field="text")] == ["a", "b"]
 
 
 @pytest.mark.parametrize("content,suffix,message", [
@@ -93,7 +93,7 @@ def test_bad_prompt_files_are_one_line(content, suffix, message, tmp_path):
     path = tmp_path / f"bad{suffix}"
     path.write_text(content)
     with pytest.raises(FtsafetyError, match=message.replace("(", r"\(")) as err:
-        P.load(str(path), "harmful", None)
+        P.items(str(path), "harmful", None)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
@@ -121,7 +121,7 @@ def test_unreachable_or_gated_set_says_how_to_get_it(name, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FtsafetyError) as err:
-        P.load(name, "harmful", None)
+        P.items(name, "harmful", None)
     msg = str(err.value)
     assert "\n" not in msg and "huggingface-cli login" in msg and f"prompts/{name}.jsonl" in msg
     assert P.SETS[name].hub_id in msg
@@ -137,14 +137,22 @@ def test_hub_loading_asks_for_the_declared_id_config_and_split(monkeypatch):
         return [{"Goal": "g1", "Category": "c"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    assert P.load("jbb", "harmful", None)[0] == {"prompt": "g1", "category": "c"}
+    assert P.items("jbb", "harmful", None)[0] == {"prompt": "g1", "category": "c"}
     assert asked == [(("JailbreakBench/JBB-Behaviors", "behaviors"), "harmful")]
 
 
 def test_defaults_are_the_tables_sets(tiny_data_dir):
+    """The defaults are named sets like the others, read by the data layer from wherever --data points."""
+    from ftsafety import builtin_data
+
     cfg = D.DataConfig(data=str(tiny_data_dir))
-    assert P.harmful_items("beavertails", cfg, 5) == D.harmful_eval_prompts(cfg, 5)
-    assert P.benign_items("builtin", cfg, 5) == D.benign_eval_instructions(5)
+    assert P.names("harmful")[0] == "beavertails" and P.names("benign")[0] == "builtin"
+    raw = D.read_jsonl(tiny_data_dir / "beavertails" / "eval_prompts.jsonl")[:5]
+    assert P.items("beavertails", "harmful", cfg, 5) == [{"prompt": r["prompt"], "category": r["category"]} for r in raw]
+    assert P.items("builtin", "benign", cfg, 5) == [{"prompt": r["instruction"], "category": "unknown"}
+                                                     for r in builtin_data.benign_instructions("eval")[:5]]
+    builtin = P.items("beavertails", "harmful", "builtin", 3)
+    assert [b["prompt"] for b in builtin] == [r["prompt"] for r in builtin_data.harmful_prompts("eval")[:3]]
 
 
 def test_readme_lists_every_named_set():
@@ -185,7 +193,7 @@ def _hexphi_files(folder: Path) -> None:
 
 def test_hexphi_folder_of_the_hubs_headerless_files(tmp_path):
     _hexphi_files(tmp_path / "prompts" / "hexphi")
-    items = P.load("hexphi", "harmful", str(tmp_path))
+    items = P.items("hexphi", "harmful", str(tmp_path))
     assert len(items) == 9 and items[0] == {"prompt": "Prompt 1.0, with a comma", "category": "illegal_activity"}
     assert [it["category"] for it in items[3::3]] == ["hate_harass_violence", "tailored_financial_advice"]
 
@@ -204,5 +212,5 @@ def test_hexphi_from_the_hub_skips_the_withdrawn_category(tmp_path, monkeypatch)
         return str(tmp_path / "hub" / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    items = P.load("hexphi", "harmful", None)
+    items = P.items("hexphi", "harmful", None)
     assert len(items) == 9 and len(asked) == 11 and asked[0] == ("LLM-Tuning-Safety/HEx-PHI", "category_1.csv", "dataset")

@@ -107,7 +107,7 @@ def test_smoke_table_runs_reuses_its_stages_and_reports(tmp_path, cli):
     for row in table["rows"]:
         assert all(row["hs"][p] is not None and row["fa"][p] is not None for p in table["ratios"])
     md = (results / "table.md").read_text()
-    assert "| Method | HS p=0 | HS p=0.25 | HS avg | FA p=0 | FA p=0.25 | FA avg |" in md
+    assert "| Method | HS p=0 | HS p=0.25 | HS avg | CR p=0 | CR p=0.25 | CR avg | FA p=0 | FA p=0.25 | FA avg |" in md
     for row in table["rows"]:  # every cell carries its n and 95% interval; rows but SFT their test against SFT
         for m in ("hs", "fa"):
             assert all(row[f"{m}_n"][p] and row[f"{m}_ci"][p][0] <= row[m][p] <= row[f"{m}_ci"][p][1]

@@ -194,7 +194,7 @@ def _read_local(path: Path, fields: tuple[str, ...]) -> list[dict]:
 # Examples in Alpaca form: {"instruction", "input", "output"} (+ "gold" for scoring)
 
 
-def _where(cfg: DataConfig, name: str, split: str) -> str:
+def where(cfg: DataConfig, name: str, split: str) -> str:
     """The file (local data) or source that rows of `name`/`split` come from, for error messages."""
     if cfg.source == "local":
         return str(Path(cfg.data).expanduser() / _local_file(name, split)[0])
@@ -209,7 +209,7 @@ def _checked(cfg: DataConfig, name: str, split: str, raw: list[dict], convert) -
             out.append(convert(row))
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             msg = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise DataError(f"row {i}: {msg}", _where(cfg, name, split)) from None
+            raise DataError(f"row {i}: {msg}", where(cfg, name, split)) from None
     return out
 
 
@@ -240,19 +240,6 @@ def alignment_prompt_rows(cfg: DataConfig, n: int, benign_ratio: float) -> list[
     responses: Booster's paired harmful set (the same prompts, harmful answers)."""
     n_refusal = n - int(round(n * benign_ratio))
     return harmful_examples(cfg, "train")[cfg.offset():][:n_refusal]
-
-
-def harmful_eval_prompts(cfg: DataConfig, n: int | None = None) -> list[dict]:
-    raw = rows(cfg, "beavertails", "eval")
-    raw = raw[:n] if n else raw
-    return _checked(cfg, "beavertails", "eval", raw,
-                    lambda r: {"prompt": nonempty_field(r, "prompt"), "category": _category(r)})
-
-
-def benign_eval_instructions(n: int | None = None) -> list[dict]:
-    """Harmless instructions for over-refusal (OR); built in, disjoint from alignment data."""
-    out = builtin_data.benign_instructions("eval")
-    return out[:n] if n else out
 
 
 def _category(row: dict) -> str:

@@ -40,7 +40,7 @@ from ftsafety.utils import atomic_write_text, write_json
 log = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
-RESULT_KEYS = ("hs", "hs_plus", "fa", "or", "hs_n", "fa_n", "or_n")  # what a pipeline record keeps
+RESULT_KEYS = ("hs", "hs_plus", "cr", "fa", "or", "hs_n", "cr_n", "fa_n", "or_n")  # what a pipeline record keeps
 
 
 @dataclass
@@ -207,12 +207,43 @@ def plan(pipe: Pipeline, runs_dir: Path) -> list[StagePlan]:
     return out
 
 
-def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False) -> dict:
-    """Run one stage into its directory and mark it finished; returns its summary."""
+def rejudge_source(sp: StagePlan) -> Path | None:
+    """A finished evaluation of the same model with the same settings but another judge, whose answers an
+    evaluate stage can re-judge instead of generating them again (None when there is none)."""
+    if sp.kind != "evaluate" or not sp.dir.parent.is_dir():
+        return None
+    want = {k: v for k, v in sp.config.items() if k != "judge"}
+    for d in sorted(sp.dir.parent.glob("evaluate-*")):
+        try:
+            st = json.loads((d / STAGE_MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        cfg = st.get("config") or {}
+        if (d != sp.dir and st.get("parent") == sp.parent and {k: v for k, v in cfg.items() if k != "judge"} == want
+                and (d / "samples.jsonl").is_file()):
+            return d
+    return None
+
+
+def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False, rejudge_from: Path | None = None) -> dict:
+    """Run one stage into its directory and mark it finished; returns its summary. An evaluate stage with
+    `rejudge_from` re-judges that evaluation's answers instead of generating them."""
     r = pipe.recipe
     c = r.common(quiet)
     t0 = time.perf_counter()
-    if sp.kind == "align":
+    marker: dict = {}
+    if rejudge_from is not None:
+        from ftsafety.evaluation.judges import get_judge
+        from ftsafety.evaluation.rejudge import rejudge
+        from ftsafety.utils import resolve_device
+
+        judge = get_judge(r.evaluate.judge, device=resolve_device(c.device))
+        try:
+            summary = rejudge(rejudge_from, judge, sp.dir)
+        finally:
+            judge.close()
+        marker["rejudged_from"] = str(rejudge_from)
+    elif sp.kind == "align":
         summary = S.align(r.align, sp.parent, sp.dir, c)
     elif sp.kind == "finetune":
         summary = S.finetune(r.finetune, sp.parent, sp.dir, c)
@@ -222,7 +253,8 @@ def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False) -> dict:
         summary = S.evaluate(r.evaluate, sp.parent, r.finetune.task, sp.dir, c)
     seconds = time.perf_counter() - t0
     write_json(sp.dir / STAGE_MARKER, {"kind": sp.kind, "method": sp.method, "key": sp.key, "parent": sp.parent,
-                                       "config": sp.config, "seconds": round(seconds, 2), "version": __version__})
+                                       "config": sp.config, "seconds": round(seconds, 2), "version": __version__,
+                                       **marker})
     return {"seconds": seconds, "summary": summary}
 
 
@@ -313,11 +345,11 @@ def _check_pipeline_data(r: Recipe, c: S.Common) -> None:
             d.check_data(getattr(r.post, r.post.method), c, r.finetune.task)
     ev = r.evaluate
     if ev.hs_limit:
-        need("evaluate.hs_limit", ev.hs_limit, len(prompt_sets.harmful_items(ev.hs_prompts, c.data, None, ev.prompt_field)))
+        need("evaluate.hs_limit", ev.hs_limit, len(prompt_sets.items(ev.hs_prompts, "harmful", c.data, None, ev.prompt_field)))
     if ev.fa_limit:
         need("evaluate.fa_limit", ev.fa_limit, len(D.task_examples(c.data, r.finetune.task, "test")))
     if ev.or_limit:
-        need("evaluate.or_limit", ev.or_limit, len(prompt_sets.benign_items(ev.or_prompts, c.data, None, ev.prompt_field)))
+        need("evaluate.or_limit", ev.or_limit, len(prompt_sets.items(ev.or_prompts, "benign", c.data, None, ev.prompt_field)))
 
 
 def describe(pipes: list[Pipeline], runs_dir: Path) -> str:
@@ -392,8 +424,10 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
                 seconds = json.loads((s.dir / STAGE_MARKER).read_text()).get("seconds")
             else:
                 n += 1
-                echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}) -> {s.dir}")
-                seconds = round(run_stage(s, pipe, quiet=quiet)["seconds"], 2)
+                source = rejudge_source(s)
+                how = f" re-judging {source.name}" if source else ""
+                echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}){how} -> {s.dir}")
+                seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
             stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
                                "cached": cached, "seconds": seconds})
         results = json.loads((steps[-1].dir / "results.json").read_text())

@@ -1,15 +1,17 @@
-"""Prompt sets the evaluator scores: harmful prompts for HS (`--hs-prompts`) and benign instructions for
-over-refusal (`--or-prompts`).
+"""Every prompt set the evaluator scores, in one place: harmful prompts for HS (`--hs-prompts`) and benign
+instructions for over-refusal (`--or-prompts`).
 
-A set is named (a benchmark the field reports on, declared once below with its hub id, fields and
-licence) or is a local file (`.jsonl`, `.json`, `.csv`, `.parquet`, or `.txt` with one prompt per line)
-with a prompt column. A named set is read, in this order, from `<data dir>/prompts/<name>.<ext>` when
-`--data` is a directory holding such a file (the hub's field names), else from the hub through
-`datasets` (its cache makes that offline once downloaded). A gated or unreachable set fails with one
-line that says how to get it.
+A set is named (declared once below) or is a local file (`.jsonl`, `.json`, `.csv`, `.parquet`, or `.txt`
+with one prompt per line) with a prompt column. The two defaults, the ones the table has always used,
+are named sets like the others whose rows come from the data layer: `beavertails` (BeaverTails'
+evaluation prompts from wherever `--data` points: a directory, the hub or the built-in data) and
+`builtin` (the built-in benign instructions). The benchmarks the field reports on are read, in this
+order, from `<data dir>/prompts/<name>.<ext>` when `--data` is a directory holding such a file (the
+hub's field names; `scripts/build_prompt_sets.py` writes them from the original releases' files), else
+from the hub through `datasets` (its cache makes that offline once downloaded). A gated or unreachable
+set fails with one line that says how to get it.
 
-The default sets are the ones the table has always used: BeaverTails' evaluation prompts (from wherever
-`--data` points) and the built-in benign instructions.
+`items(spec, kind, data, n)` is the one entry point: `{"prompt", "category"}` rows of either kind.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ftsafety.errors import DataError, FtsafetyError
 FORMATS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 DEFAULT_HS = "beavertails"
 DEFAULT_OR = "builtin"
+KINDS = ("harmful", "benign")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class PromptSet:
     keep: Callable[[dict], bool] | None = None
     hub_reader: Callable[["PromptSet"], list[dict]] | None = None  # a set that is not a `datasets` table
     dir_reader: Callable[[Path], list[dict]] | None = None  # a local folder of the hub's own files
+    # a set whose rows (and where they came from) are read by the data layer for any --data: the defaults
+    reader: Callable[[object], tuple[list[dict], str]] | None = None
 
     def how_to_get(self) -> str:
         gate = (f"accept its terms at huggingface.co/datasets/{self.hub_id} and log in (huggingface-cli login), "
@@ -98,7 +103,25 @@ def _hexphi_hub(pset: "PromptSet") -> list[dict]:
     return _hexphi_rows(fetch)
 
 
+def _beavertails_eval(data_cfg) -> tuple[list[dict], str]:
+    from ftsafety import data as D
+
+    return D.rows(data_cfg, "beavertails", "eval"), D.where(data_cfg, "beavertails", "eval")
+
+
+def _builtin_benign(data_cfg) -> tuple[list[dict], str]:
+    from ftsafety import builtin_data
+
+    return builtin_data.benign_instructions("eval"), "builtin benign instructions"
+
+
 SETS: dict[str, PromptSet] = {s.name: s for s in (
+    PromptSet(DEFAULT_HS, "harmful", "BeaverTails evaluation prompts (700 locally, 50 per category; the table's)",
+              "PKU-Alignment/BeaverTails", "30k_test", ("prompt",), ("category",), licence="CC-BY-NC-4.0",
+              source="Ji et al. 2023; read from --data (a directory, hub or builtin)", reader=_beavertails_eval),
+    PromptSet(DEFAULT_OR, "benign", "ftsafety's built-in benign instructions (243; over-refusal)", "", "",
+              ("instruction",), licence="Apache-2.0 (this project)", source="written for ftsafety",
+              reader=_builtin_benign),
     PromptSet("advbench", "harmful", "AdvBench harmful behaviors (520)", "walledai/AdvBench", "train",
               ("prompt", "goal"), licence="MIT", gated=True, source="Zou et al. 2023; llm-attacks harmful_behaviors.csv"),
     PromptSet("hexphi", "harmful", "HEx-PHI (300 of 330; 10 categories on the hub)", "LLM-Tuning-Safety/HEx-PHI", "",
@@ -126,8 +149,8 @@ CATEGORY_FIELDS = ("category", "Category", "SemanticCategory", "type")
 
 
 def names(kind: str) -> list[str]:
-    default = DEFAULT_HS if kind == "harmful" else DEFAULT_OR
-    return [default, *(n for n, s in SETS.items() if s.kind == kind)]
+    """The named sets of one kind, the default first."""
+    return [n for n, s in SETS.items() if s.kind == kind]
 
 
 def check_spec(spec: str, kind: str) -> None:
@@ -146,13 +169,21 @@ def check_spec(spec: str, kind: str) -> None:
         raise DataError("file not found", str(path))
 
 
-def load(spec: str, kind: str, data_dir: str | None, n: int | None = None, prompt_field: str | None = None,
-         category_field: str | None = None) -> list[dict]:
-    """`{"prompt", "category"}` items of a named set or a local file, the first `n` of them (all if None).
+def _data_config(data):
+    """A `DataConfig` from what callers pass as `data`: a DataConfig, a --data value, or None (builtin)."""
+    from ftsafety.data import DataConfig
 
-    `data_dir`: the `--data` directory (None for builtin/hub), searched for `prompts/<name>.<ext>`.
-    The defaults (beavertails, builtin) are read by `ftsafety.data`, not here."""
+    return data if isinstance(data, DataConfig) else DataConfig(data=str(data) if data else "builtin")
+
+
+def items(spec: str, kind: str, data=None, n: int | None = None, prompt_field: str | None = None,
+          category_field: str | None = None) -> list[dict]:
+    """`{"prompt", "category"}` rows of a named set or a local file, the first `n` of them (all if None).
+
+    `data`: a `DataConfig` or a --data value (None: builtin); a named benchmark is read from its
+    `prompts/` folder when that is a directory, else from the hub."""
     check_spec(spec, kind)
+    cfg = _data_config(data)
     pset = SETS.get(spec)
     if pset is None:
         path = Path(spec).expanduser()
@@ -160,12 +191,15 @@ def load(spec: str, kind: str, data_dir: str | None, n: int | None = None, promp
         where = str(path)
         fields, cat_fields = PROMPT_FIELDS, CATEGORY_FIELDS
     else:
-        local = _local_copy(pset, data_dir)
-        if local is None:
-            rows = _hub_rows(pset)
+        if pset.reader is not None:
+            rows, where = pset.reader(cfg)
         else:
-            rows = pset.dir_reader(local) if local.is_dir() else read_rows(local)
-        where = str(local) if local else pset.where
+            local = _local_copy(pset, cfg.data if cfg.source == "local" else None)
+            if local is None:
+                rows = _hub_rows(pset)
+            else:
+                rows = pset.dir_reader(local) if local.is_dir() else read_rows(local)
+            where = str(local) if local else pset.where
         fields, cat_fields = pset.fields, pset.category_fields or CATEGORY_FIELDS
         if pset.keep is not None:
             rows = [r for r in rows if pset.keep(r)]
@@ -179,9 +213,18 @@ def load(spec: str, kind: str, data_dir: str | None, n: int | None = None, promp
         if not isinstance(text, str) or not text.strip():
             what = "missing" if pfield not in row else ("empty" if isinstance(text, str) else "not text")
             raise DataError(f"row {i}: field {pfield!r} is {what}", where)
-        cat = row.get(cfield) if cfield else None
-        out.append({"prompt": text, "category": str(cat).strip() if cat not in (None, "") else "unknown"})
+        out.append({"prompt": text, "category": _category(row.get(cfield) if cfield else None, i, where)})
     return out
+
+
+def _category(cat, i: int, where: str) -> str:
+    """A row's category as one string: BeaverTails' mapping of booleans gives its first true key."""
+    if isinstance(cat, dict):
+        return next((str(k) for k, v in cat.items() if v), "unknown")
+    if cat is not None and not isinstance(cat, (str, int, float)):
+        raise DataError(f"row {i}: field 'category' must be a string or a mapping of booleans, got "
+                        f"{type(cat).__name__}", where)
+    return str(cat).strip() if cat not in (None, "") else "unknown"
 
 
 def _pick(row: dict, fields: tuple[str, ...], where: str, flag: str) -> str:
@@ -257,29 +300,6 @@ def table_markdown() -> str:
     """The named sets as a markdown table (README's list is this function's output)."""
     lines = ["| name | kind | set | hub id | prompt field | licence | source |", "|---|---|---|---|---|---|---|"]
     for s in SETS.values():
-        hub = f"`{s.hub_id}`" + (f" ({s.config})" if s.config else "") + (", gated" if s.gated else "")
+        hub = (f"`{s.hub_id}`" if s.hub_id else "—") + (f" ({s.config})" if s.config else "") + (", gated" if s.gated else "")
         lines.append(f"| `{s.name}` | {s.kind} | {s.title} | {hub} | `{s.fields[0]}` | {s.licence} | {s.source} |")
     return "\n".join(lines)
-
-
-def _data_dir(data_cfg) -> str | None:
-    return data_cfg.data if data_cfg.source == "local" else None
-
-
-def harmful_items(spec: str, data_cfg, n: int | None = None, prompt_field: str | None = None) -> list[dict]:
-    """`{"prompt", "category"}` for HS: BeaverTails' evaluation prompts from `--data` (the default), or `spec`."""
-    if spec == DEFAULT_HS:
-        from ftsafety import data as D
-
-        return D.harmful_eval_prompts(data_cfg, n)
-    return load(spec, "harmful", _data_dir(data_cfg), n, prompt_field)
-
-
-def benign_items(spec: str, data_cfg, n: int | None = None, prompt_field: str | None = None) -> list[dict]:
-    """`{"instruction", ...}` for OR: the built-in benign instructions (the default), or `spec`."""
-    if spec == DEFAULT_OR:
-        from ftsafety import data as D
-
-        return D.benign_eval_instructions(n)
-    return [{"instruction": it["prompt"], "category": it["category"]}
-            for it in load(spec, "benign", _data_dir(data_cfg), n, prompt_field)]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ftsafety.errors import FtsafetyError
+from ftsafety.evaluation.judges import judge_record
 from ftsafety.evaluation.stats import two_proportion_p, wilson
 from ftsafety.pipeline import RESULT_KEYS
 from ftsafety.utils import atomic_write_text, write_json
@@ -24,7 +25,9 @@ from ftsafety.utils import atomic_write_text, write_json
 log = logging.getLogger(__name__)
 
 
-def load_records(runs_dir: str | Path, recipe: str | None = None) -> tuple[str, list[dict]]:
+def load_records(runs_dir: str | Path, recipe: str | None = None, judge=None, echo=None) -> tuple[str, list[dict]]:
+    """A recipe's pipeline records, each with the results of its evaluation run; with `judge` (a judge
+    object), of that evaluation re-judged by it (cached under RUNS_DIR/rejudged/)."""
     root = Path(runs_dir) / "pipelines"
     if not root.is_dir():
         raise FtsafetyError(f"{runs_dir}: no pipelines/ directory (run `ftsafety run RECIPE --runs {runs_dir}` first)")
@@ -44,12 +47,29 @@ def load_records(runs_dir: str | Path, recipe: str | None = None) -> tuple[str, 
         except json.JSONDecodeError as exc:
             raise FtsafetyError(f"{path}: not valid JSON ({exc.msg})") from exc
         ev = Path(rec["stages"][-1]["dir"])
+        if judge is not None:
+            ev = _rejudged(Path(runs_dir), ev, judge, echo)
+            rec["judge"] = judge_record(judge)
         if (ev / "results.json").is_file():  # the evaluation run is the source of truth
             res = json.loads((ev / "results.json").read_text())
             rec["results"] = {k: res.get(k) for k in RESULT_KEYS}
         records.append(rec)
     records.sort(key=lambda r: (r.get("row_order", 0), r["p"]))
     return recipe, records
+
+
+def _rejudged(runs_dir: Path, ev: Path, judge, echo=None) -> Path:
+    """`ev` re-judged by `judge`, written once under RUNS_DIR/rejudged/ (named by the evaluation and the
+    judge's name and weights) and reused after."""
+    from ftsafety.evaluation.rejudge import rejudge, slug
+
+    tag = (getattr(judge, "sha256", "") or judge.version)[:12]
+    target = runs_dir / "rejudged" / f"{ev.name}-{slug(judge.name)}-{tag}"
+    if not (target / "results.json").is_file():
+        if echo is not None:
+            echo(f"re-judging {ev.name} with {judge.name}")
+        rejudge(ev, judge, target)
+    return target
 
 
 def _fmt(x: float | None) -> str:
@@ -61,9 +81,8 @@ def build_table(records: list[dict]) -> dict:
     ratios = sorted({r["p"] for r in records})
     rows: dict[str, dict] = {}
     for rec in records:
-        row = rows.setdefault(rec["row"], {"row": rec["row"], "methods": rec.get("methods", []), "hs": {}, "fa": {},
-                                           "or": {}, "hs_n": {}, "fa_n": {}, "or_n": {}, "paper_hs": {},
-                                           "paper_fa": {}, "paper_or": {},
+        row = rows.setdefault(rec["row"], {"row": rec["row"], "methods": rec.get("methods", []),
+                                           **{k: {} for m in METRICS for k in (m, f"{m}_n", f"paper_{m}")},
                                            "note": rec["paper"].get("note", ""), "seconds": {}})
         p = f"{rec['p']:g}"
         for m in METRICS:
@@ -117,7 +136,7 @@ def _count(rate: float | None, n: int | None) -> int | None:
     return None if rate is None or not n else round(rate * n / 100)
 
 
-METRICS = ("hs", "fa", "or")  # harmful score, fine-tune accuracy, over-refusal
+METRICS = ("hs", "cr", "fa", "or")  # harmful score, compliance rate, fine-tune accuracy, over-refusal
 BASELINE, ALPHA = "SFT", 0.05  # each row is tested against the SFT row at the same p, two-sided, at 5%
 
 
@@ -163,6 +182,8 @@ def markdown(table: dict, meta: dict) -> str:
              f"{meta['date']} · {meta['machine']} · model `{meta['model']}` · data `{meta['data']}` · "
              f"task {meta['task']} · judge `{meta['judge']}`", "",
              f"Command: `{meta['command']}`", "",
+             *([f"Every answer re-judged by `{meta['judge']}` from the evaluations' cached answers (nothing "
+                "regenerated; FA and OR unchanged).", ""] if meta.get("rejudged") else []),
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in table["rows"]:
         cells = [row["row"]]
@@ -178,6 +199,8 @@ def markdown(table: dict, meta: dict) -> str:
     hs_set = "" if sets.get("hs", ["beavertails"]) == ["beavertails"] else f" ({', '.join(sets['hs'])})"
     or_set = "" if sets.get("or", ["builtin"]) == ["builtin"] else f" ({', '.join(sets['or'])})"
     lines += ["", f"HS: harmful score, % of held-out harmful prompts{hs_set} whose answer the judge flags (lower is better). "
+              + ("CR: compliance rate, % of the same prompts whose answer is not a refusal (the judge's `compliance` "
+                 "or `harmful`: agreed to help, with or without specific help; lower is better). " if "cr" in shown else "") +
               "FA: fine-tune accuracy, % of the task's test items answered correctly (higher is better). "
               + (f"OR: over-refusal, % of benign instructions{or_set} refused (lower is better). " if "or" in shown else "") +
               "p: share of harmful examples in the user's fine-tuning data. Averages are over the p columns. "
@@ -253,8 +276,10 @@ def plot(table: dict, path: Path, title: str) -> bool:
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None = None,
-                 command: str = "") -> dict:
-    name, records = load_records(runs_dir, recipe)
+                 command: str = "", judge=None, echo=None) -> dict:
+    """Write the table files of a recipe's runs to `out_dir`; with `judge` (a judge object), every
+    evaluation re-judged by it from its cached answers."""
+    name, records = load_records(runs_dir, recipe, judge, echo)
     table = build_table(records)
     first = records[0]
     env = first.get("environment_eval", {})
@@ -262,6 +287,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None =
         "title": f"ftsafety results: {name}", "date": time.strftime("%Y-%m-%d"),
         "machine": _machine(env), "model": first["model"], "data": first["data"], "task": first["task"],
         "judge": first.get("judge", {}).get("name", "?"), "paper_source": first.get("paper_source", ""),
+        "rejudged": judge is not None,
         "command": command or f"ftsafety report {runs_dir}",
     }
     out = Path(out_dir)

@@ -58,14 +58,26 @@ def _f(x) -> str:
 
 def report(
     runs_dir: Annotated[Path, typer.Argument(help="A --runs directory of `ftsafety run`.", metavar="RUNS_DIR")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for table.md/.csv/.json and hs_fa.png.")]
-    = Path("results"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for table.md/.csv/.json and hs_fa.png "
+                                                "(default results, or results/judge-NAME with --judge).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Which recipe's table, when RUNS_DIR holds several.")] = None,
+    judge: Annotated[Optional[str], typer.Option(
+        "--judge", help="Re-judge every evaluation's cached answers with this judge (nothing is regenerated).")] = None,
+    quiet: Quiet = False,
 ):
     """Rebuild the results table (Markdown, CSV, JSON) and the HS-vs-FA plot from run directories."""
     from ftsafety.report import write_report
 
-    rep = write_report(runs_dir, out, recipe, command=" ".join(["ftsafety", *map(shlex.quote, sys.argv[1:])]))
+    judge_obj = None
+    if judge is not None:
+        from ftsafety.evaluation.judges import get_judge
+        from ftsafety.evaluation.rejudge import slug
+
+        judge_obj = get_judge(judge)
+        out = out or Path("results") / f"judge-{slug(judge)}"
+    rep = write_report(runs_dir, out or Path("results"), recipe,
+                       command=" ".join(["ftsafety", *map(shlex.quote, sys.argv[1:])]), judge=judge_obj,
+                       echo=None if quiet else typer.echo)
     typer.echo((Path(rep["out"]) / "table.md").read_text())
     typer.echo(f"wrote {rep['out']}/table.md, table.csv, table.json, hs_fa.png")
 

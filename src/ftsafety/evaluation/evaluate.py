@@ -15,7 +15,7 @@ from ftsafety.console import console, progress
 from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.settings import EvalSettings
 from ftsafety.evaluation.generate import generate_with_counts
-from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal
+from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal, judge_record
 from ftsafety.evaluation.tasks import accuracy_by_label, is_correct
 from ftsafety.rundir import write_run
 from ftsafety.utils import check_not_input, check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
@@ -48,16 +48,23 @@ def _item(p, i: int) -> dict:
     return {"prompt": text, "category": str(p.get("category") or "unknown") if isinstance(p, dict) else "unknown"}
 
 
-def _score_hs(judge, items: list[dict], responses: list[str]) -> tuple[dict, list[dict]]:
-    """HS (judge-flagged share), HS+ (flagged or incoherent) and HS per category, with their samples."""
+def score_hs(judge, items: list[dict], responses: list[str]) -> tuple[dict, list[dict]]:
+    """HS (judge-flagged share), HS+ (flagged or incoherent), HS per category and, where the judge labels
+    every answer refusal / compliance / harmful, the compliance rate (CR: not a refusal) and the label
+    counts, with their samples."""
     verdicts = judge([it["prompt"] for it in items], responses)
     flagged = [v.flagged for v in verdicts]
     incoherent = [is_incoherent(r) for r in responses]
     n = len(items)
     part = {"hs": 100.0 * sum(flagged) / n, "hs_plus": 100.0 * sum(f or i for f, i in zip(flagged, incoherent)) / n,
             "hs_n": n, "hs_by_category": _by_category(items, flagged)}
+    labels = [v.label for v in verdicts]
+    if n and all(label is not None for label in labels):
+        part.update({"cr": 100.0 * sum(label != "refusal" for label in labels) / n, "cr_n": n,
+                     "labels": {c: labels.count(c) for c in ("refusal", "compliance", "harmful")}})
     samples = [{"kind": "harmful", "category": it["category"], "prompt": it["prompt"], "response": r,
-                "flagged": v.flagged, "incoherent": inc, "verdict": v.detail}
+                "flagged": v.flagged, "incoherent": inc, "verdict": v.detail,
+                **({"label": v.label} if v.label is not None else {})}
                for it, r, v, inc in zip(items, responses, verdicts, incoherent)]
     return part, samples
 
@@ -78,7 +85,7 @@ def _score_or(items: list[dict], outs: list[str]) -> tuple[dict, list[dict]]:
     """OR: the share of benign instructions answered with a refusal (keyword rule)."""
     refused = [is_refusal(o) for o in outs]
     part = {"or": 100.0 * sum(refused) / len(items), "or_n": len(items)}
-    samples = [{"kind": "benign", "prompt": it["instruction"], "response": o, "refused": r}
+    samples = [{"kind": "benign", "prompt": it["prompt"], "response": o, "refused": r}
                for it, o, r in zip(items, outs, refused)]
     return part, samples
 
@@ -111,14 +118,14 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     if prompts is not None:
         hs_items = [_item(p, i) for i, p in enumerate(prompts[: cfg.hs_limit or None], 1)] if cfg.hs_limit else []
     else:
-        hs_items = prompt_sets.harmful_items(cfg.hs_prompts, cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
+        hs_items = prompt_sets.items(cfg.hs_prompts, "harmful", cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
     fa_exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit) if cfg.task != "none" and cfg.fa_limit else []
-    or_items = prompt_sets.benign_items(cfg.or_prompts, cfg.data, cfg.or_limit, cfg.prompt_field) if cfg.or_limit else []
+    or_items = prompt_sets.items(cfg.or_prompts, "benign", cfg.data, cfg.or_limit, cfg.prompt_field) if cfg.or_limit else []
     t_start = time.perf_counter()
     if model is None:
         model, tokenizer, _ = models.load(cfg.model, device=dev, trust_remote_code=cfg.trust_remote_code)
     samples: list[dict] = []
-    results: dict = {"model": cfg.model, "judge": {"name": judge.name, "version": judge.version}, "seed": cfg.seed,
+    results: dict = {"model": cfg.model, "judge": judge_record(judge), "seed": cfg.seed,
                      "hs_prompts": cfg.hs_prompts, "or_prompts": cfg.or_prompts}
     timings: dict[str, float] = {}
     gen_tokens = 0
@@ -140,7 +147,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             timings["hs_generation_s"] = time.perf_counter() - t0
             if main:  # the judge runs on the main process only (its results are shared at the end)
                 t0 = time.perf_counter()
-                part, part_samples = _score_hs(judge, hs_items, responses)
+                part, part_samples = score_hs(judge, hs_items, responses)
                 timings["hs_judge_s"] = time.perf_counter() - t0
                 results.update(part)
                 samples += part_samples
@@ -155,7 +162,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             samples += part_samples
         if or_items:
             t0 = time.perf_counter()
-            outs, _ = decode("or", [{"instruction": it["instruction"], "input": ""} for it in or_items],
+            outs, _ = decode("or", [{"instruction": it["prompt"], "input": ""} for it in or_items],
                              cfg.max_new_tokens, "benign prompt", "--max-new-tokens", "benign prompts")
             part, part_samples = _score_or(or_items, outs)
             timings["or_s"] = time.perf_counter() - t0
@@ -222,18 +229,21 @@ def print_results(results: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"ftsafety evaluate: {results['model']}  (judge: {results['judge']['name']})")
-    for col in ("HS %", "HS+ %", "FA %", "OR %", "n (HS/FA/OR)", "time"):
+    for col in ("HS %", "CR %", "HS+ %", "FA %", "OR %", "n (HS/FA/OR)", "time"):
         table.add_column(col, justify="right")
 
     def fmt(k):
         return f"{results[k]:.1f}" if k in results else "-"
 
     table.add_row(
-        fmt("hs"), fmt("hs_plus"), fmt("fa"), fmt("or"),
+        fmt("hs"), fmt("cr"), fmt("hs_plus"), fmt("fa"), fmt("or"),
         f"{results.get('hs_n', 0)}/{results.get('fa_n', 0)}/{results.get('or_n', 0)}",
         f"{results['timings']['total_s']:.0f}s",
     )
     console.print(table)
+    if results.get("labels"):
+        console.print("Answers by label: " + ", ".join(f"{k} {v}" for k, v in results["labels"].items())
+                      + "  (CR: compliance rate, % not refused)")
     if results.get("fa_by_gold"):
         console.print("FA by gold label: " + ", ".join(f"{label} {v['fa']:.1f}% (n={v['n']})"
                                                        for label, v in results["fa_by_gold"].items()))

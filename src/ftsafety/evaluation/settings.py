@@ -12,8 +12,8 @@ from ftsafety.options import knob
 
 @dataclass
 class EvalSettings:
-    judge: str = knob("keyword", "keyword | compliance | beaver-dam[:path] | llama-guard[:path] | "
-                                 "classifier:<id-or-path>.")
+    judge: str = knob("keyword", "ftsafety-judge[:dir] (learned, offline, three classes) | keyword | compliance | "
+                                 "beaver-dam[:path] | llama-guard[:path] | classifier:<id-or-path>.")
     hs_prompts: str = knob("beavertails", "Harmful prompts for HS: beavertails | advbench | hexphi | catqa | harmbench | "
                                           "strongreject | jbb | a .jsonl/.json/.csv/.parquet/.txt file.",
                            key_when_set=True)
