@@ -242,20 +242,23 @@ CASES: dict[str, Case] = {
     "out: existing file": Case("prune-antidote", lambda i: [
         *ANTIDOTE, "--model", "tiny-opt", "--out", i.file("results.txt", "x")], "exists and is not a directory"),
     # -- training options ---------------------------------------------------------------------------
-    "train: NaN loss (huge learning rate)": Case("align", (
-        "--model", "tiny-opt", "--n", "8", "--max-steps", "3", "--batch-size", "4", "-q", "--lr", "1e30",
-        "--scheduler", "constant", "--warmup-ratio", "0"), "training loss became"),
+    "train: NaN loss (huge learning rate and LoRA alpha)": Case("align", (
+        "--model", "tiny-opt", "--n", "8", "--max-steps", "3", "--batch-size", "4", "-q", "--lr", "1000",
+        "--lora-alpha", "1000000", "--scheduler", "constant", "--warmup-ratio", "0"), "check --lr and the method's strength"),
+    "train: learning rate beyond any use (1e30)": Case("align", (
+        "--model", "tiny-opt", "--n", "8", "--max-steps", "3", "--batch-size", "4", "-q", "--lr", "1e30"),
+        "learning rate must be a finite number in (0, 1000]"),
     "train: negative --n": Case("align", ("--model", "tiny-opt", "--n", "-5", *TRAIN), "alignment size must be >= 1"),
     "train: negative --n (finetune)": Case("finetune", ("--model", "tiny-opt", "--n", "-1", *TRAIN),
                                            "number of fine-tuning samples n must be >= 1"),
     "train: zero batch size": Case("finetune", (*FT, "--batch-size", "0"), "batch size"),
     "train: epochs 0 and no max steps": Case("align-booster", (
         "--model", "tiny-opt", "--n", "8", "--epochs", "0", "-q"), "give epochs > 0 or max steps > 0"),
-    "train: NaN learning rate": Case("finetune-lisa", (*LISA, "--lr", "nan"), "learning rate must be a positive"),
+    "train: NaN learning rate": Case("finetune-lisa", (*LISA, "--lr", "nan"), "learning rate must be a finite number in (0, 1000]"),
     "train: warmup ratio above 1": Case("align", (*ALIGN, "--warmup-ratio", "1.5"), "warmup ratio must be in [0, 1)"),
-    "train: LoRA rank 0": Case("align-vaccine", (*ALIGN, "--lora-r", "0"), "LoRA rank must be >= 1"),
+    "train: LoRA rank 0": Case("align-vaccine", (*ALIGN, "--lora-r", "0"), "LoRA rank must be an integer >= 1"),
     "train: negative LoRA alpha": Case("finetune", (*FT, "--lora-alpha", "-5"),
-                                       "LoRA alpha must be a finite number > 0"),
+                                       "LoRA alpha must be a finite number in (0, 1e+06]"),
     "train: max length below 16": Case("finetune", (*FT, "--max-length", "8"), "max length must be at least 16"),
     "train: benign ratio 1": Case("align", (*ALIGN, "--benign-ratio", "1"), "benign ratio must be in [0, 1)"),
     # -- devices --------------------------------------------------------------------------------
@@ -265,10 +268,10 @@ CASES: dict[str, Case] = {
     # -- defense options ------------------------------------------------------------------------------
     "vaccine: unknown --perturb-at": Case("align-vaccine", (*ALIGN, "--perturb-at", "mlp"),
                                           "unknown --perturb-at 'mlp'"),
-    "vaccine: negative --rho": Case("align-vaccine", (*ALIGN, "--rho", "-1"), "rho must be a finite number >= 0"),
+    "vaccine: negative --rho": Case("align-vaccine", (*ALIGN, "--rho", "-1"), "rho must be a finite number in [0, 1e+06]"),
     "booster: negative --alpha": Case("align-booster", (*ALIGN, "--alpha", "-0.1"),
-                                      "alpha must be a finite number >= 0"),
-    "booster: infinite --lam": Case("align-booster", (*ALIGN, "--lam", "inf"), "lam must be a finite number >= 0"),
+                                      "alpha must be a finite number in [0, 1e+06]"),
+    "booster: infinite --lam": Case("align-booster", (*ALIGN, "--lam", "inf"), "lam must be a finite number in [0, 1e+06]"),
     "lisa: negative alignment steps": Case("finetune-lisa", (*LISA, "--alignment-steps", "-1"),
                                            "alignment and fine-tuning steps must be >= 0"),
     "lisa: both step counts 0": Case("finetune-lisa", (*LISA, "--alignment-steps", "0", "--finetune-steps", "0"),

@@ -47,7 +47,7 @@ BAD = {
     "unknown task": (["finetune", "--model", "tiny-opt", "--task", "mnli"], "unknown task 'mnli'"),
     "unknown judge": (["evaluate", "--model", "tiny-opt", "--judge", "gpt5"], "unknown judge 'gpt5'"),
     "unknown template": (["align", "--model", "tiny-opt", "--template", "vicuna"], "unknown template"),
-    "bad lr": (["align", "--model", "tiny-opt", "--lr", "-1"], "learning rate must be a positive"),
+    "bad lr": (["align", "--model", "tiny-opt", "--lr", "-1"], "learning rate must be a finite number in"),
     "bad lora targets": (["align", "--model", "tiny-opt", "--lora-targets", "nope_proj", "--max-steps", "1"],
                          "match no linear layer"),
     "n too large": (["finetune", "--model", "tiny-opt", "--n", "100000", "-p", "0.1"], "rows are available"),

@@ -208,7 +208,7 @@ def test_cli_end_to_end_and_evaluate(tmp_path, cli):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--rho", "-1"], "rho must be a number >= 0"),
+    (["--rho", "-1"], "rho must be a finite number in"),
     (["--alignment-steps", "5", "--finetune-steps", "0"], "finetune steps must be > 0"),
     (["--align-n", "-2"], "--align-n must be >= 0"),
 ])

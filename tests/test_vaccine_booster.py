@@ -380,10 +380,10 @@ def test_cli_align_booster_then_finetune(tmp_path, cli, tiny_data_dir):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["align-vaccine", "--rho", "-1"], "rho must be a finite number >= 0"),
+        (["align-vaccine", "--rho", "-1"], "rho must be a finite number in"),
         (["align-vaccine", "--perturb-at", "mlp"], "unknown --perturb-at 'mlp'"),
-        (["align-booster", "--lam", "nan"], "lam must be a finite number >= 0"),
-        (["align-booster", "--alpha", "-0.1"], "alpha must be a finite number >= 0"),
+        (["align-booster", "--lam", "nan"], "lam must be a finite number in"),
+        (["align-booster", "--alpha", "-0.1"], "alpha must be a finite number in"),
     ],
 )
 def test_cli_bad_knobs_one_line_error(tmp_path, cli, args, expected):

@@ -98,8 +98,20 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(cls, data: Any, where: str = "", source: str = "recipe"):
-    """Instantiate dataclass `cls` from a mapping, recursively and strictly."""
+def _field_default(f: dataclasses.Field):
+    """A field's own default value (its factory's product), or MISSING."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def build(cls, data: Any, where: str = "", source: str = "recipe", defaults=None):
+    """Instantiate dataclass `cls` from a mapping, recursively and strictly.
+
+    A nested section that names only some keys is laid over that section's own default (the field's
+    default instance in its parent: `finetune.train` over the fine-tune's TrainConfig, not over
+    TrainConfig's class defaults), so a recipe that leaves a key out gets what the matching command
+    would use. `defaults`: the instance whose values stand for the keys `data` leaves out."""
     prefix = f"{where}." if where else ""
     if not isinstance(data, dict):
         raise FtsafetyError(f"{source}: {where or 'the top level'} must be a mapping, got {_show(data)}")
@@ -111,7 +123,15 @@ def build(cls, data: Any, where: str = "", source: str = "recipe"):
             near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f"; known keys: {', '.join(fields)}"
             raise FtsafetyError(f"{source}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+        base = getattr(defaults, key) if defaults is not None else _field_default(fields[key])
+        if dataclasses.is_dataclass(base) and isinstance(value, dict):
+            kwargs[key] = build(type(base), value, f"{prefix}{key}", source, defaults=base)
+        else:
+            kwargs[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    if defaults is not None:  # the keys `data` leaves out keep the section's own defaults
+        for name in fields:
+            if name not in kwargs:
+                kwargs[name] = copy.deepcopy(getattr(defaults, name))
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

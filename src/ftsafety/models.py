@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ftsafety import tiny
-from ftsafety.errors import FtsafetyError
+from ftsafety.errors import FtsafetyError, check_number
 from ftsafety.options import knob
 from ftsafety.utils import atomic_dir, default_dtype, resolve_device
 
@@ -65,12 +65,11 @@ class LoraSettings:
     targets: str = knob("attn", "attn | qv | qkv | all | comma-separated module names.")
 
     def __post_init__(self):
-        if self.r < 1:
-            raise FtsafetyError(f"LoRA rank must be >= 1, got {self.r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise FtsafetyError(f"LoRA rank must be an integer >= 1, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise FtsafetyError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise FtsafetyError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
+        check_number("LoRA alpha", self.alpha, low_open=True)
 
 
 @dataclass
@@ -210,16 +209,53 @@ def check_model_dir(path: str | Path) -> None:
                 "(convert them with save_pretrained(..., safe_serialization=True))"
             )
         raise FtsafetyError(f"{path}: no model weights (*.safetensors) in this directory")
+    index = path / "model.safetensors.index.json"
+    files = sorted(path.glob("*.safetensors"))
+    if index.is_file():  # a sharded model: every shard the index names must lie in this directory
+        weight_map = _read_json(index, "model.safetensors.index.json").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FtsafetyError(f"{index}: not a safetensors index (no weight_map of tensor -> file)")
+        root = path.resolve()
+        for name in sorted(set(weight_map.values())):
+            shard = (path / name).resolve()
+            if shard.parent != root:
+                raise FtsafetyError(f"{index}: shard {name!r} lies outside the model directory; weights are read "
+                                    "only from inside it")
+            if not shard.is_file():
+                raise FtsafetyError(f"{index}: shard {name} is missing")
+        files = sorted({(path / n) for n in weight_map.values()})
+    for f in files:
+        _check_safetensors(f)
+
+
+def _check_safetensors(path: Path, finite: bool = False) -> None:
+    """A safetensors file whose header reads (and, with `finite`, whose tensors are all finite)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+            bad = next((k for k in keys if finite and not torch.isfinite(fh.get_tensor(k)).all()), None) if finite else None
+    except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise FtsafetyError(f"{path}: corrupt or truncated safetensors file ({first})") from None
+    if bad is not None:
+        raise FtsafetyError(f"{path}: tensor {bad} holds nan or inf values (the run that wrote it diverged); "
+                            "retrain it with a lower learning rate or strength")
 
 
 def check_adapter_files(adapter: str | Path) -> None:
-    """An adapter directory must hold a readable adapter_config.json and adapter_model.safetensors
-    (checked from the file header only, before any model is loaded)."""
+    """An adapter directory must hold a LoRA adapter_config.json and an adapter_model.safetensors whose
+    tensors are finite and are the ones the config's target modules give (checked before any model is
+    loaded: peft would drop mismatched tensors with a warning and leave the base model)."""
     adapter = Path(adapter)
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise FtsafetyError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
-    _read_json(cfg_path, "adapter_config.json")
+    acfg = _read_json(cfg_path, "adapter_config.json")
+    peft_type = acfg.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise FtsafetyError(f"{cfg_path}: peft_type {peft_type!r} is not a LoRA adapter (ftsafety reads LoRA adapters)")
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         pickles = sorted(p.name for p in adapter.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -228,14 +264,26 @@ def check_adapter_files(adapter: str | Path) -> None:
                 f"{adapter}: only pickle adapter weights ({', '.join(pickles[:3])}); ftsafety loads safetensors only"
             )
         raise FtsafetyError(f"{adapter}: adapter has no adapter_model.safetensors")
-    try:
-        from safetensors import safe_open
+    _check_safetensors(weights, finite=True)
+    _check_adapter_targets(acfg, weights, cfg_path)
 
-        with safe_open(str(weights), framework="pt") as fh:
-            fh.keys()
-    except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise FtsafetyError(f"{weights}: corrupt or truncated safetensors file ({first})") from None
+
+def _check_adapter_targets(acfg: dict, weights: Path, cfg_path: Path) -> None:
+    """The adapter's LoRA tensors must be for modules its config targets (a config edited after training,
+    or weights from another adapter, would otherwise be dropped by peft and the base model used)."""
+    from safetensors import safe_open
+
+    targets = acfg.get("target_modules")
+    if isinstance(targets, str) or not targets:
+        return  # a regex or "all-linear": peft resolves it against the model
+    with safe_open(str(weights), framework="pt") as fh:
+        paths = {k.split(".lora_")[0] for k in fh.keys() if ".lora_" in k}
+    wanted = [str(t) for t in targets]
+    untargeted = [p for p in paths if not any(p == t or p.endswith("." + t) for t in wanted)]
+    modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if untargeted or not paths:
+        raise FtsafetyError(f"{cfg_path}: targets {', '.join(map(str, targets))} but the weights are LoRA tensors for "
+                            f"{', '.join(modules) or 'no module'}; the config and the weights do not belong together")
 
 
 def smollm2_local_dir() -> Path:

@@ -35,7 +35,7 @@ from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
 from ftsafety.errors import FtsafetyError
 from ftsafety.options import config_key
-from ftsafety.utils import atomic_write_text, write_json
+from ftsafety.utils import atomic_write_text, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,16 @@ def rejudge_source(sp: StagePlan) -> Path | None:
 
 
 def run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool = False, rejudge_from: Path | None = None) -> dict:
+    """Run one stage into its directory and mark it finished, holding the stage's lock the whole time (a
+    second process on the same cache waits for nothing: it fails at once, naming the holder)."""
+    sp.dir.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(sp.dir):
+        if sp.done:  # another process finished it while this one was planning
+            return {"seconds": json.loads((sp.dir / STAGE_MARKER).read_text()).get("seconds") or 0.0, "summary": None}
+        return _run_stage(sp, pipe, quiet, rejudge_from)
+
+
+def _run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool, rejudge_from: Path | None) -> dict:
     """Run one stage into its directory and mark it finished; returns its summary. An evaluate stage with
     `rejudge_from` re-judges that evaluation's answers instead of generating them."""
     r = pipe.recipe

@@ -23,11 +23,12 @@ from transformers.trainer_callback import PrinterCallback
 from ftsafety import distributed, models
 from ftsafety.console import RichTrainCallback
 from ftsafety.data import Collator, DataConfig, SFTDataset
-from ftsafety.errors import FtsafetyError
+from ftsafety.errors import FtsafetyError, check_number
 from ftsafety.options import knob
 from ftsafety.rundir import write_run
 from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
+    locks_output,
     _json_default,
     atomic_write_text,
     check_not_input,
@@ -59,10 +60,14 @@ class TrainConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:
             raise FtsafetyError("batch size and gradient accumulation must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FtsafetyError(f"learning rate must be a positive number, got {self.lr}")
-        if not math.isfinite(self.epochs):
-            raise FtsafetyError(f"epochs must be a finite number, got {self.epochs}")
+        check_number("learning rate", self.lr, high=1e3, low_open=True)
+        if not math.isfinite(self.epochs) or not -1e6 <= self.epochs <= 1e6:
+            raise FtsafetyError(f"epochs must be a finite number of at most 1e6, got {self.epochs}")
+        if self.max_steps > 10**9:
+            raise FtsafetyError(f"max steps must be at most 1e9, got {self.max_steps}")
+        if self.logging_steps < 1:
+            raise FtsafetyError(f"logging steps must be >= 1, got {self.logging_steps}")
+        check_report_to(self.report_to)
         if self.epochs <= 0 and self.max_steps <= 0:
             raise FtsafetyError("give epochs > 0 or max steps > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -78,14 +83,53 @@ class TrainConfig:
             raise FtsafetyError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(names)}")
 
 
+_REPORT_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "tensorboard": "tensorboard", "flyte": "flytekit"}
+
+
+def check_report_to(value: str) -> None:
+    """--report-to: `none`, `all`, or known integrations whose packages are installed (checked before
+    anything is created; transformers would fail mid-setup with its own message)."""
+    names = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not names:
+        raise FtsafetyError("--report-to is empty: give none, all, or integrations such as tensorboard,wandb")
+    if len(names) > 1 and ({"none", "all"} & set(names)):
+        raise FtsafetyError(f"--report-to {value}: 'none' and 'all' stand alone, not in a list")
+    if names in (["none"], ["all"]):
+        return
+    from transformers.integrations import integration_utils as iu
+
+    known = list(iu.INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name not in known:
+            raise FtsafetyError(f"--report-to {name}: not a known integration; choose none, all or from "
+                                f"{', '.join(known)}")
+    installed = set(iu.get_available_reporting_integrations())
+    for name in names:
+        if name not in installed:
+            raise FtsafetyError(f"--report-to {name}: its package is not installed "
+                                f"(pip install {_REPORT_PACKAGES.get(name, name.replace('_', '-'))})")
+
+
 class NaNLossError(FtsafetyError):
     pass
+
+
+DIVERGED_HINT = "check --lr and the method's strength (--lora-alpha, --rho, --lam)"
 
 
 class _NaNGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs and not math.isfinite(logs["loss"]):
-            raise NaNLossError(f"training loss became {logs['loss']} at step {state.global_step}; lower the learning rate")
+            raise NaNLossError(f"training loss became {logs['loss']} at step {state.global_step}; {DIVERGED_HINT}")
+
+
+def check_finite_weights(model, step: int | None = None) -> None:
+    """Refuse to keep a run whose trained weights ended non-finite (the loss logged before the last update
+    can still be finite)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            at = f" by step {step}" if step is not None else ""
+            raise NaNLossError(f"the trained weights became nan/inf{at} ({name}); {DIVERGED_HINT}")
 
 
 def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, **overrides) -> TrainingArguments:
@@ -135,10 +179,14 @@ def _train(trainer, stage: str, resume_from, checkpointer, prior: dict, partial)
         if partial is not None and distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    if not math.isfinite(result.training_loss):
+    try:
+        if not math.isfinite(result.training_loss):
+            raise NaNLossError(f"training loss became {result.training_loss}; {DIVERGED_HINT}")
+        check_finite_weights(trainer.model, result.global_step)
+    except NaNLossError:
         if partial is not None and distributed.is_main():
             shutil.rmtree(partial, ignore_errors=True)
-        raise NaNLossError(f"training loss became {result.training_loss}; lower the learning rate")
+        raise
     return result
 
 
@@ -154,6 +202,7 @@ def _run_loss(result, start_step: int, prior: dict, world: int) -> float:
     return train_loss
 
 
+@locks_output("out_dir")
 def train_lora(
     *,
     stage: str,

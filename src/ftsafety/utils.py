@@ -19,18 +19,18 @@ import torch
 
 from ftsafety.errors import FtsafetyError
 
-# Keys whose values never go into manifests, logs or results. A key is secret when, lower-cased with
-# '-' read as '_', it ends with one of _SECRET_SUFFIXES (hf_token, HF_TOKEN, access_token, auth, ...)
-# or holds one of _SECRET_PARTS (client_secret, db_password, openai_api_key, ...); counts and limits
-# such as max_new_tokens, n_tokens or tokens_per_second are kept, and so are the tokenizer's
-# special-token names (pad_token, eos_token, ...).
-_SECRET_SUFFIXES = ("token", "auth", "authorization")
-_SECRET_PARTS = ("secret", "password", "passwd", "api_key", "apikey", "private_key", "credential")
-_NOT_SECRET = frozenset(f"{t}_token" for t in ("pad", "eos", "bos", "unk", "sep", "cls", "mask"))
-# Values that look like credentials wherever they appear (hub, OpenAI/Anthropic, GitHub tokens).
+# Secrets are found by the shape of their value wherever it appears (hub, OpenAI/Anthropic, GitHub, AWS,
+# Slack tokens), never because a key merely contains "token" or "password": data carries such words
+# (a prompt category `password_cracking`, counts such as `max_new_tokens`) and its figures must stay.
+# Besides, a *string* under a key that is exactly a credential parameter's name (the libraries' `token`,
+# `hub_token`, `api_key`, `password`, ...) is dropped, whatever its shape.
+_SECRET_KEYS = frozenset(("token", "hf_token", "hub_token", "use_auth_token", "auth_token", "access_token",
+                          "api_key", "apikey", "password", "passwd", "secret", "client_secret", "private_key",
+                          "auth", "authorization"))
 _SECRET_VALUE = re.compile(
     r"\b(?:hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"
-    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|(?:AKIA|ASIA)[0-9A-Z]{16}"
+    r"|xox[abpors]-[A-Za-z0-9-]{10,})"
 )
 REDACTED = "<redacted>"
 
@@ -159,20 +159,19 @@ def environment() -> dict[str, Any]:
 
 
 def is_secret_key(key: Any) -> bool:
-    """True for keys whose values are credentials (hf_token, HF_TOKEN, api_key, password, auth, ...)."""
-    k = str(key).strip().lower().replace("-", "_")
-    if k in _NOT_SECRET:
-        return False
-    return k.endswith(_SECRET_SUFFIXES) or any(p in k for p in _SECRET_PARTS)
+    """True for a key that is exactly a credential parameter's name (token, HF_TOKEN, api_key, password, ...);
+    a key that only contains such a word (max_new_tokens, password_cracking) is not one."""
+    return str(key).strip().lower().replace("-", "_") in _SECRET_KEYS
 
 
 def scrub(obj: Any) -> Any:
-    """Drop secrets before anything is written: the values of secret-looking keys (see is_secret_key),
-    and token-shaped strings (hf_..., sk-..., ghp_...) wherever they appear."""
+    """Drop secrets before anything is written: token-shaped strings (hf_..., sk-..., ghp_..., AKIA...)
+    wherever they appear, and a string under a credential parameter's own name. Numbers, and keys that
+    only resemble such names (a category `password_cracking`), are kept as they are."""
     if isinstance(obj, dict):
         return {
             (_SECRET_VALUE.sub(REDACTED, k) if isinstance(k, str) else k): (
-                REDACTED if is_secret_key(k) and v not in (None, "") else scrub(v)
+                REDACTED if is_secret_key(k) and isinstance(v, str) and v else scrub(v)
             )
             for k, v in obj.items()
         }
@@ -288,10 +287,19 @@ def check_not_input(out: str | os.PathLike, inputs) -> None:
 
 # Files that mark a directory as an ftsafety run (training/defense stages, evaluate), which a
 # new run may replace; any other non-empty directory is refused rather than overwritten.
-RUN_MARKERS = ("ftsafety_run.json", "results.json")
-# the file that says which kind of run a directory holds (a rerun may replace a run of its own kind only)
-RUN_KINDS = {"train": "train_results.json", "antidote": "antidote.json", "rollback": "rollback.json",
-             "evaluate": "samples.jsonl"}
+# What each kind of run writes: the files that must all be there, and those that may be. A directory is a
+# run (which a rerun may replace) only when it holds every required file of its kind and nothing that run
+# does not write; anything else is a user's folder and is never replaced. `stage.json` is the mark
+# `ftsafety run` adds to a finished stage.
+RUN_FILES: dict[str, tuple[frozenset, frozenset]] = {
+    "train": (frozenset({"ftsafety_run.json", "train_results.json", "config.yaml", "adapter"}),
+              frozenset({"metrics.jsonl", "logs"})),
+    "antidote": (frozenset({"antidote.json", "config.yaml", "mask.safetensors"}),
+                 frozenset({"ftsafety_run.json", "adapter", "model"})),
+    "rollback": (frozenset({"rollback.json", "config.yaml", "ftsafety_run.json", "model"}), frozenset()),
+    "evaluate": (frozenset({"results.json", "samples.jsonl", "config.yaml"}), frozenset()),
+}
+STAGE_MARK = "stage.json"
 
 
 def _a(word: str) -> str:
@@ -299,7 +307,15 @@ def _a(word: str) -> str:
 
 
 def run_kind(path: Path) -> str | None:
-    return next((k for k, f in RUN_KINDS.items() if (path / f).is_file()), None)
+    """The kind of ftsafety run `path` holds (its complete files and nothing else), or None."""
+    try:
+        names = {e.name for e in Path(path).iterdir()}
+    except OSError:
+        return None
+    for kind, (required, optional) in RUN_FILES.items():
+        if required <= names and not names - required - optional - {STAGE_MARK}:
+            return kind
+    return None
 
 
 def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path:
@@ -311,7 +327,7 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
     since os.access says yes to root even on read-only or virtual file systems.
 
     A symlink is written through: the run goes to its target (returned), and the link stays. `kind`
-    (a RUN_KINDS key): an earlier run of another kind is refused too (a fine-tune must not replace an
+    (a RUN_FILES key): an earlier run of another kind is refused too (a fine-tune must not replace an
     evaluation's samples)."""
     path = Path(path)
     if not str(path).strip():
@@ -328,12 +344,12 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
             entries = list(path.iterdir())
         except OSError as exc:
             raise FtsafetyError(f"output directory {path} cannot be read ({exc.strerror or exc})") from None
-        if entries and not any((path / m).is_file() for m in RUN_MARKERS):
-            raise FtsafetyError(
-                f"output directory {path} is not empty and is not an ftsafety run; refusing to replace it "
-                "(choose a new --out)"
-            )
         found = run_kind(path) if entries else None
+        if entries and found is None:
+            raise FtsafetyError(
+                f"output directory {path} is not empty and is not an ftsafety run (it holds files no ftsafety run "
+                "writes); refusing to replace it (choose a new --out)"
+            )
         if kind is not None and found is not None and found != kind:
             raise FtsafetyError(
                 f"output directory {path} holds an ftsafety {found} run; refusing to replace it with {_a(kind)} run "
@@ -350,3 +366,83 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
     except OSError as exc:
         raise FtsafetyError(f"output directory {path} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per output: an OS lock held for a run's whole life
+
+_HELD: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the output `path` (`.<name>.lock` beside it, with the holder's pid) while
+    the run writes it: a second process aimed at the same output (a run directory, a cached stage, a
+    report folder) fails at once, in one line naming the holder, instead of deleting the first one's
+    checkpoints or interleaving its metrics. Re-entrant within a process; the non-main processes of a
+    launched job rely on their main process's lock. Where `path`'s folder does not exist yet, no one can
+    be writing there and nothing is created."""
+    import fcntl
+
+    final = Path(os.path.abspath(path))
+    key = str(final)
+    if os.environ.get("RANK", "0") != "0" or not final.parent.is_dir():
+        yield
+        return
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock_path = final.parent / f".{final.name}.lock"
+    try:
+        fh = open(lock_path, "a+", encoding="utf-8")
+    except OSError:
+        yield  # a folder we cannot write: the run's own checks say so
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise FtsafetyError(f"another ftsafety process (pid {holder}) is writing {final}; wait for it to finish, "
+                            "or choose another output") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        try:
+            lock_path.unlink()
+        except OSError:
+            pass
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def locks_output(param: str = "out_dir"):
+    """Decorator: the function holds `run_lock` on its argument `param` (when given) for its whole call."""
+    import functools
+    import inspect
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            out = sig.bind_partial(*args, **kwargs).arguments.get(param)
+            if out is None or not str(out).strip():
+                return fn(*args, **kwargs)
+            with run_lock(out):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

@@ -56,6 +56,7 @@ from ftsafety.defenses.base import Defense, Paper
 from ftsafety.rundir import write_run
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import (
+    locks_output,
     check_not_input, check_writable_dir, resolve_device, seed_everything,
 )
 
@@ -371,6 +372,7 @@ def prune_antidote(model, tokenizer, calibration_examples: list[dict], config: A
     return _score_and_mask(modules, rec, cfg, seed, zero=True)
 
 
+@locks_output("out_dir")
 def run_antidote(
     cfg: AntidoteConfig, model: str, data_cfg: D.DataConfig, out_dir: str | Path, device: str = "auto",
     seed: int = 42, trust_remote_code: bool = False, quiet: bool = False,

@@ -57,7 +57,7 @@ from ftsafety.defenses._perturb import (
     token_share,
 )
 from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
-from ftsafety.errors import FtsafetyError
+from ftsafety.errors import FtsafetyError, check_number
 from ftsafety.trainer import FtTrainer
 
 HARMFUL_DATA = ("calibration", "paired")
@@ -95,9 +95,7 @@ class BoosterConfig:
 
     def __post_init__(self):
         for name in ("lam", "alpha", "rho"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise FtsafetyError(f"{name} must be a finite number >= 0, got {v}")
+            check_number(name, getattr(self, name))
         if self.perturb_at not in PERTURB_AT:
             raise FtsafetyError(
                 f"unknown perturbation site {self.perturb_at!r}; choose one of {', '.join(PERTURB_AT)}"

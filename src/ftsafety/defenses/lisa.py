@@ -67,7 +67,7 @@ import torch
 from ftsafety import distributed
 from ftsafety.defenses._perturb import loss_tokens
 from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
-from ftsafety.errors import FtsafetyError
+from ftsafety.errors import FtsafetyError, check_number
 from ftsafety.trainer import FtTrainer
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class LisaConfig:
             raise FtsafetyError(
                 "finetune steps must be > 0 when alignment steps > 0 (no user batch would be trained on)"
             )
-        if not (math.isfinite(self.rho) and self.rho >= 0):
-            raise FtsafetyError(f"rho must be a number >= 0, got {self.rho}")
+        check_number("rho", self.rho)
         if not 0.0 <= self.prox_start <= 1.0:
             raise FtsafetyError(f"prox_start must be in [0, 1], got {self.prox_start}")
         if self.align_n < 0:

@@ -58,6 +58,7 @@ import torch.nn.functional as Fn
 
 from ftsafety.defenses.base import Defense, Paper
 from ftsafety.errors import FtsafetyError
+from ftsafety.utils import locks_output
 
 log = logging.getLogger(__name__)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -435,6 +436,7 @@ def fa_metric(tokenizer, examples: list[dict], task: str, template: str, max_new
     return metric
 
 
+@locks_output("out_dir")
 def run(*, model: str, aligned: str, out_dir, dcfg, task: str, cfg: RollbackConfig, device: str = "auto",
         seed: int = 42, trust_remote_code: bool = False) -> dict:
     """Load A and F (adapters merged, fp32), recover, write `model/`, `ftsafety_run.json`, `rollback.json`.

@@ -45,7 +45,7 @@ from ftsafety.defenses._perturb import (
     token_share,
 )
 from ftsafety.defenses.base import Defense, Paper, TrainerSetup, defense_settings, training_arguments_class
-from ftsafety.errors import FtsafetyError
+from ftsafety.errors import FtsafetyError, check_number
 from ftsafety.trainer import FtTrainer
 
 PAPER = Paper("Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning",
@@ -65,8 +65,7 @@ class VaccineConfig:
     )
 
     def __post_init__(self):
-        if not (math.isfinite(self.rho) and self.rho >= 0):
-            raise FtsafetyError(f"rho must be a finite number >= 0, got {self.rho}")
+        check_number("rho", self.rho)
         if self.perturb_at not in PERTURB_AT:
             raise FtsafetyError(
                 f"unknown --perturb-at {self.perturb_at!r}; choose one of {', '.join(PERTURB_AT)}"

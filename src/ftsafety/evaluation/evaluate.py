@@ -18,7 +18,8 @@ from ftsafety.evaluation.generate import generate_with_counts
 from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoherent, is_refusal, judge_record
 from ftsafety.evaluation.tasks import accuracy_by_label, is_correct
 from ftsafety.rundir import write_run
-from ftsafety.utils import check_not_input, check_writable_dir, environment, resolve_device, seed_everything, write_jsonl
+from ftsafety.utils import (check_not_input, check_writable_dir, environment, locks_output, resolve_device,
+                            seed_everything, write_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def _score_or(items: list[dict], outs: list[str]) -> tuple[dict, list[dict]]:
     return part, samples
 
 
+@locks_output("out_dir")
 def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, quiet: bool = False,
              prompts: list | None = None) -> dict:
     """Run the evaluator; write `results.json`, `samples.jsonl`, `config.yaml` to `out_dir` (atomically).

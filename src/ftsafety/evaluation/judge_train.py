@@ -27,6 +27,7 @@ from ftsafety import __version__
 from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation import learned as L
 from ftsafety.evaluation.stats import agreement
+from ftsafety.utils import locks_output
 
 SPLITS = ("train", "test")
 
@@ -112,6 +113,7 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, folds: list[int], l2: float
     return pred.tolist()
 
 
+@locks_output("out_dir")
 def train_judge(labels_path: str | Path, out_dir: str | Path, data=None, base: str = "smollm2-135m",
                 layers: tuple[int, ...] = (4, 6, 8), l2_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                 folds: int = 5, max_prompt_tokens: int = 64, max_response_tokens: int = 128, batch_size: int = 32,

@@ -20,7 +20,7 @@ from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.evaluate import score_hs
 from ftsafety.evaluation.judges import judge_record
 from ftsafety.rundir import write_run
-from ftsafety.utils import write_jsonl
+from ftsafety.utils import locks_output, write_jsonl
 
 JUDGED_KEYS = ("hs", "hs_plus", "hs_n", "hs_by_category", "cr", "cr_n", "labels")  # what a judge decides
 
@@ -42,6 +42,7 @@ def read_evaluation(run: Path) -> tuple[dict, list[dict], dict]:
     return results, samples, config
 
 
+@locks_output("out")
 def rejudge(run: str | Path, judge, out: str | Path) -> dict:
     """Write `out`, the evaluation `run` re-judged by `judge` (a judge object); returns its results."""
     run = Path(run)
