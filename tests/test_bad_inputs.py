@@ -27,8 +27,8 @@ from typing import Callable
 import pytest
 
 COMMANDS = ("align", "align-vaccine", "align-booster", "finetune", "finetune-lisa", "prune-antidote",
-            "recover-rollback", "evaluate", "summary", "run", "report")
-NO_OUT = ("summary", "run", "report")  # commands without --out (run gets --runs <tmp>/out instead)
+            "recover-rollback", "evaluate", "summary", "run", "report", "train-judge")
+NO_OUT = ("summary", "run")  # commands without --out (run gets --runs <tmp>/out instead)
 
 # Small settings so that a case that wrongly succeeds still costs seconds, not minutes.
 TRAIN = ("--max-steps", "1", "--batch-size", "2", "-q")
@@ -385,9 +385,14 @@ def _evaluate_run(i: Inputs) -> str:
 
 
 def _fake_run(i: Inputs, kind_file: str, name: str) -> str:
-    """A finished Antidote (antidote.json) or rollback (rollback.json) run's directory."""
+    """A finished Antidote (antidote.json) or rollback (rollback.json) run's directory: every file of its kind."""
     i.file(f"{name}/{kind_file}", "{}")
     i.file(f"{name}/ftsafety_run.json", '{"base_model": "tiny-opt", "adapters": []}')
+    i.file(f"{name}/config.yaml", "{}\n")
+    if kind_file == "antidote.json":
+        i.file(f"{name}/mask.safetensors", b"")
+    else:
+        i.dir(f"{name}/model")
     return str(i.path(name))
 
 
@@ -521,6 +526,442 @@ def _RUNS(i: Inputs) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Issue 28 (the second outside audit), one block per class of fault; each fix goes to the cause, so each
+# class is tried on several commands and inputs, not only the audit's example.
+
+
+def _user_folder(i: Inputs, *files: str) -> str:
+    """A user's folder: the named files (a results.json, a run's markers...) beside their own work."""
+    for name in files:
+        i.file(f"mine/{name}", "{}")
+    i.file("mine/notes.md", "months of notes")
+    i.file("mine/src/main.py", "print('hello')")
+    return str(i.path("mine"))
+
+
+def _run_plus(i: Inputs, extra: str) -> str:
+    """A finished run (align) with one file no run writes."""
+    d = i.run()
+    Path(d, extra).write_text("a user's file")
+    return d
+
+
+def _hold_lock():
+    """patch(monkeypatch, out): another process holds the output's lock (flock on a second open file
+    description of `.out.lock`, which conflicts even within this process)."""
+    def patch(mp, out: Path):
+        import fcntl
+
+        fh = open(out.parent / f".{out.name}.lock", "a+")
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write("4242")
+        fh.flush()
+        mp.setattr(sys.modules[__name__], "_held_lock", fh, raising=False)  # kept open for the case
+    patch.needs_out = True
+    return patch
+
+
+def _nan_adapter(run: Path):
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    w = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(w))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(w))
+
+
+def _adapter_config(**changes):
+    def edit(run: Path):
+        path = run / "adapter" / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _records(i: Inputs, edit, name: str = "runs") -> str:
+    """A runs folder with one pipeline record (and its evaluation) as `ftsafety run` writes them, edited by
+    `edit(record, results)` (either may be replaced by returning a value)."""
+    runs = i.path(name)
+    ev = runs / "stages" / "evaluate-keyword-000000000000"
+    results = {"model": "tiny-opt", "judge": {"name": "keyword", "version": "1"}, "hs": 50.0, "hs_n": 4,
+               "fa": 50.0, "fa_n": 4, "or": 0.0, "or_n": 2}
+    record = {"recipe": "r", "row": "SFT", "p": 0.1, "model": "tiny-opt", "data": "builtin", "task": "sst2",
+              "judge": results["judge"], "results": dict(results), "paper": {"hs": None, "fa": None, "note": ""},
+              "stages": [{"kind": "evaluate", "method": "keyword", "dir": str(ev), "key": "0", "cached": False,
+                          "seconds": 1.0}], "methods": ["evaluate:keyword"], "row_order": 0}
+    rec_text, res_text = edit(record, results) or (None, None)
+    i.file(f"{name}/stages/{ev.name}/results.json", res_text if res_text is not None else json.dumps(results))
+    i.file(f"{name}/stages/{ev.name}/samples.jsonl", '{"kind": "harmful", "prompt": "p", "response": "r"}\n')
+    i.file(f"{name}/stages/{ev.name}/config.yaml", "{}\n")
+    i.file(f"{name}/pipelines/r/SFT-p0.1.json", rec_text if rec_text is not None else json.dumps(record))
+    return str(runs)
+
+
+def _set(path: str, value):
+    """edit for `_records`: set one dotted field of the record ('record.paper.hs')."""
+    def edit(record, results):
+        *parents, last = path.split(".")[1:]
+        obj = record
+        for p in parents:
+            obj = obj[p]
+        obj[last] = value
+    return edit
+
+
+def _raw(record_text: str | None = None, results_text: str | None = None):
+    return lambda record, results: (record_text, results_text)
+
+
+def _eval_dir(i: Inputs, results) -> str:
+    text = results if isinstance(results, str) else json.dumps(results)
+    i.file("ev/results.json", text)
+    i.file("ev/samples.jsonl", "")
+    i.file("ev/config.yaml", "{}\n")
+    return str(i.path("ev"))
+
+
+def _surrogate(name: str) -> str:
+    """A file name as Python sees it under LC_ALL=C (no UTF-8 mode): its UTF-8 bytes as lone surrogates."""
+    return name.encode("utf-8").decode("ascii", "surrogateescape")
+
+
+RECIPE = "name: a28\nmodel: tiny-opt\nalign: {n: 8, train: {max_steps: 1, batch_size: 2}}\n" \
+         "finetune: {n: 8, harmful_ratio: 0.25, train: {max_steps: 1, batch_size: 2}}\n" \
+         "evaluate: {hs_limit: 2, fa_limit: 2, or_limit: 1, max_new_tokens: 2, fa_max_new_tokens: 2}\n"
+
+
+def _recipe(i: Inputs, extra: str = "", name: str = "r.yaml") -> str:
+    return i.file(name, RECIPE + extra)
+
+
+def _bomb(levels: int = 9, key: str = "description") -> str:
+    lines = ['name: bomb', 'model: tiny-opt', 'x0: &x0 ["l", "o", "l", "l", "o", "l", "l", "o", "l", "l"]']
+    for k in range(1, levels):
+        lines.append(f"x{k}: &x{k} [" + ", ".join([f"*x{k - 1}"] * 10) + "]")
+    lines.append(f"{key}: *x{levels - 1}")
+    return "\n".join(lines) + "\n"
+
+
+CASES.update({
+    # -- a user's folder is never replaced (O01-O04, E27) -----------------------------------------
+    "evaluate: --out a user's folder with a results.json": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--out", _user_folder(i, "results.json")], "is not an ftsafety run"),
+    "align: --out a user's folder with a results.json": Case("align", lambda i: [
+        *ALIGN, "--out", _user_folder(i, "results.json")], "is not an ftsafety run"),
+    "align-booster: --out a user's folder with a run manifest": Case("align-booster", lambda i: [
+        *ALIGN, "--out", _user_folder(i, "ftsafety_run.json")], "is not an ftsafety run"),
+    "finetune: --out a user's folder with results and samples": Case("finetune", lambda i: [
+        *FT, "--out", _user_folder(i, "results.json", "samples.jsonl", "config.yaml")], "is not an ftsafety run"),
+    "prune-antidote: --out a user's folder with a results.json": Case("prune-antidote", lambda i: [
+        "--model", _finetuned_from(i)[1], *ANTIDOTE, "--out", _user_folder(i, "results.json")], "is not an ftsafety run"),
+    "recover-rollback: --out a user's folder with a run manifest": Case("recover-rollback", lambda i: [
+        "--model", _finetuned_from(i)[1], "--aligned", str(i.path("al")), *ROLLBACK, "--out",
+        _user_folder(i, "ftsafety_run.json", "rollback.json")], "is not an ftsafety run"),
+    "finetune-lisa: --out a run with a user's file added": Case("finetune-lisa", lambda i: [
+        *LISA, "--out", _run_plus(i, "thesis.tex")], "is not an ftsafety run"),
+    "evaluate: --out a run with a user's folder added": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--out", _evaluate_run(i), "--hs-limit", "1", *([] if i.dir("evrun/mydata") else [])],
+        "is not an ftsafety run"),
+    "align-vaccine: --out a half run (results.json only)": Case("align-vaccine", lambda i: [
+        *ALIGN, "--out", str(Path(i.file("half/results.json", "{}")).parent)], "is not an ftsafety run"),
+    "report: --out holds a user's table.md": Case("report", lambda i: [
+        _records(i, lambda r, s: None), "--out", str(Path(i.file("docs/table.md", "# my table")).parent)],
+        "that no ftsafety report wrote"),
+    "report: --out holds a user's table.csv and plot": Case("report", lambda i: [
+        _records(i, lambda r, s: None), "--out", str(Path(i.file("docs/table.csv", "a,b")).parent)],
+        "that no ftsafety report wrote"),
+    "report: --out holds a table.json that is not a report": Case("report", lambda i: [
+        _records(i, lambda r, s: None), "--out", str(Path(i.file("docs/table.json", '{"rows": 3}')).parent)],
+        "that no ftsafety report wrote"),
+    "report: --out is a file": Case("report", lambda i: [_records(i, lambda r, s: None), "--out", i.file("afile", "x")],
+                                     "exists and is not a directory"),
+    "report: --out cannot be created": Case("report", lambda i: [
+        _records(i, lambda r, s: None), "--out", "/proc/ftsafety-report"], "cannot be written"),
+    "train-judge: --out a user's folder": Case("train-judge", lambda i: [
+        "--labels", i.file("l.jsonl", "{}"), "--base", "tiny-llama", "--out", _user_folder(i)], "not a judge directory"),
+    # -- one writer per output: the lock (D01, D04) -----------------------------------------------
+    **{f"{cmd}: another process is writing --out": Case(cmd, args, "another ftsafety process (pid 4242)",
+                                                        patch=_hold_lock())
+       for cmd, args in (("align", ALIGN), ("align-vaccine", ALIGN), ("finetune", FT), ("finetune-lisa", LISA),
+                         ("evaluate", ("--model", "tiny-opt", *EVAL)))},
+    "align-booster: another process is writing --out": Case("align-booster", ALIGN, "another ftsafety process",
+                                                            patch=_hold_lock()),
+    "prune-antidote: another process is writing --out": Case("prune-antidote", lambda i: [
+        "--model", _finetuned_from(i)[1], *ANTIDOTE], "another ftsafety process", patch=_hold_lock()),
+    "recover-rollback: another process is writing --out": Case("recover-rollback", lambda i: [
+        "--model", _finetuned_from(i)[1], "--aligned", str(i.path("al")), *ROLLBACK], "another ftsafety process",
+        patch=_hold_lock()),
+    "report: another process is writing --out": Case("report", lambda i: [_records(i, lambda r, s: None)],
+                                                     "another ftsafety process", patch=_hold_lock()),
+    # -- non-finite weights and figures (A11, E01, E15) --------------------------------------------
+    "summary: HS+ above 100": Case("summary", lambda i: [_eval_dir(i, {"hs_plus": 100.5})], "hs_plus must be a rate"),
+    "summary: a nan compliance rate": Case("summary", lambda i: [_eval_dir(i, '{"cr": NaN}')], "cr must be a rate"),
+    "report: a method list with a number": Case("report", lambda i: [_records(i, _set("record.methods", [1]))],
+                                                "methods must be a list of strings"),
+    "evaluate: an adapter with nan values": Case("evaluate", lambda i: [*EVAL, "--model", i.run(_nan_adapter)],
+                                                 "holds nan or inf values"),
+    "finetune: a parent adapter with nan values": Case("finetune", lambda i: [*FT[2:], "--model", i.run(_nan_adapter)],
+                                                       "holds nan or inf values"),
+    "prune-antidote: an adapter with nan values": Case("prune-antidote", lambda i: [
+        "--model", i.run(_nan_adapter), *ANTIDOTE], "holds nan or inf values"),
+    "align-booster: strength that overflows (lam 1e300)": Case("align-booster", (*ALIGN, "--lam", "1e300"),
+                                                               "lam must be a finite number in [0, 1e+06]"),
+    "finetune-lisa: strength that overflows (rho 1e308)": Case("finetune-lisa", (*LISA, "--rho", "1e308"),
+                                                               "rho must be a finite number in [0, 1e+06]"),
+    "align-vaccine: strength that overflows (rho 1e308)": Case("align-vaccine", (*ALIGN, "--rho", "1e308"),
+                                                               "rho must be a finite number in [0, 1e+06]"),
+    "align: LoRA alpha that overflows": Case("align", (*ALIGN, "--lora-alpha", "1e308"), "LoRA alpha must be a finite"),
+    "align: epochs that overflow the step count": Case("align", ("--model", "tiny-opt", "--n", "8", "--batch-size", "2",
+                                                                 "-q", "--epochs", "1e308"), "epochs must be a finite number"),
+    "finetune: learning rate beyond any use": Case("finetune", (*FT, "--lr", "1e308"), "learning rate must be a finite"),
+    "summary: a nan HS": Case("summary", lambda i: [_eval_dir(i, '{"hs": NaN, "model": "m"}')], "hs must be a rate"),
+    "summary: an infinite FA": Case("summary", lambda i: [_eval_dir(i, '{"fa": Infinity}')], "fa must be a rate"),
+    "summary: an HS above 100": Case("summary", lambda i: [_eval_dir(i, {"hs": 140.0})], "hs must be a rate in [0, 100]"),
+    "summary: an HS that is text": Case("summary", lambda i: [_eval_dir(i, {"hs": "high"})], "hs must be a rate"),
+    "summary: a judge that is text": Case("summary", lambda i: [_eval_dir(i, {"hs": 1.0, "judge": "keyword"})],
+                                          "judge must be an object"),
+    "summary: a model that is a list": Case("summary", lambda i: [_eval_dir(i, {"model": ["a"]})], "model must be a string"),
+    "summary: a count that is negative": Case("summary", lambda i: [_eval_dir(i, {"hs": 1.0, "hs_n": -3})],
+                                              "hs_n must be a whole number"),
+    "summary: results.json a list": Case("summary", lambda i: [_eval_dir(i, "[1, 2]")], "expected a JSON object"),
+    "report: a record's HS is nan": Case("report", lambda i: [_records(i, _raw(results_text='{"hs": NaN}'))],
+                                         "hs must be a rate"),
+    "report: a record without stages": Case("report", lambda i: [_records(i, _set("record.stages", []))],
+                                            "stages must be a non-empty list"),
+    "report: stages is a mapping": Case("report", lambda i: [_records(i, _set("record.stages", {"a": 1}))],
+                                        "stages must be a non-empty list"),
+    "report: p out of range": Case("report", lambda i: [_records(i, _set("record.p", 7))], "p must be a number in [0, 1]"),
+    "report: p is text": Case("report", lambda i: [_records(i, _set("record.p", "0.1"))], "p must be a number"),
+    "report: the row is a number": Case("report", lambda i: [_records(i, _set("record.row", 3))], "row must be a string"),
+    "report: results is a list": Case("report", lambda i: [_records(i, _set("record.results", [1]))],
+                                      "results must be an object"),
+    "report: paper is a list": Case("report", lambda i: [_records(i, _set("record.paper", []))], "paper must be an object"),
+    "report: a paper figure that is text": Case("report", lambda i: [_records(i, _set("record.paper.hs", "x"))],
+                                                "paper.hs must be a number"),
+    "report: a stage's seconds are text": Case("report", lambda i: [_records(
+        i, lambda r, s: r["stages"][0].update(seconds="slow"))], "seconds must be a number"),
+    "report: a record that is broken JSON": Case("report", lambda i: [_records(i, _raw('{"recipe": "r", "p'))],
+                                                 "not valid JSON"),
+    "report: an evaluation's results.json broken": Case("report", lambda i: [_records(i, _raw(results_text='{"hs": '))],
+                                                        "results.json: not valid JSON"),
+    "report: a record that is a list": Case("report", lambda i: [_records(i, _raw("[1, 2, 3]"))], "expected a JSON object"),
+    "report: only files that are not records": Case("report", lambda i: [_records(i, _raw('{"other": 1}'))],
+                                                    "no pipeline records"),
+    "report: an FA of -5": Case("report", lambda i: [_records(i, _raw(results_text='{"fa": -5}'))], "fa must be a rate"),
+    # -- remote code only from the command line (B26) ----------------------------------------------
+    "run: a recipe that grants itself remote code": Case("run", lambda i: [
+        _recipe(i, "trust_remote_code: true\n"), *_RUNS(i)], "pass --trust-remote-code"),
+    "run: remote code through an override": Case("run", lambda i: [
+        _recipe(i), "trust_remote_code=true", *_RUNS(i)], "pass --trust-remote-code"),
+    "run: remote code in a dry run": Case("run", lambda i: [
+        _recipe(i, "trust_remote_code: true\n"), "--dry-run", *_RUNS(i)], "pass --trust-remote-code"),
+    # -- model folders and adapters (B08, B12, B18, B19x, B23, B28, B29) ---------------------------
+    "model: a shard index that points outside the folder": Case("evaluate", lambda i: [
+        *EVAL, "--model", _shard_outside(i)], "lies outside the model directory"),
+    "model: a shard index naming a missing shard": Case("finetune", lambda i: [
+        *FT[2:], "--model", _shard_outside(i, "missing.safetensors")], "is missing"),
+    "model: a zero-byte safetensors beside a pickle": Case("evaluate", lambda i: [
+        *EVAL, "--model", _zero_weights(i)], "corrupt or truncated safetensors"),
+    "adapter: peft_type is prefix tuning": Case("evaluate", lambda i: [
+        *EVAL, "--model", i.run(_adapter_config(peft_type="PREFIX_TUNING"))], "is not a LoRA adapter"),
+    "adapter: peft_type unknown": Case("finetune", lambda i: [
+        *FT[2:], "--model", i.run(_adapter_config(peft_type="NOPE"))], "peft_type 'NOPE' is not a LoRA adapter"),
+    "adapter: config targets modules the weights are not for": Case("evaluate", lambda i: [
+        *EVAL, "--model", i.run(_adapter_config(target_modules=["lm_head"]))], "do not belong together"),
+    "adapter: config targets one of two trained modules": Case("prune-antidote", lambda i: [
+        "--model", i.run(_adapter_config(target_modules=["q_proj"])), *ANTIDOTE], "do not belong together"),
+    "manifest: base_model is a number": Case("evaluate", lambda i: [
+        *EVAL, "--model", i.run(_edit_manifest(base_model=123))], "base_model must be a string"),
+    "manifest: adapters is a mapping": Case("finetune", lambda i: [
+        *FT[2:], "--model", i.run(_edit_manifest(adapters={"a": 1}))], "adapters must be a list"),
+    "manifest: one adapter listed twice": Case("evaluate", lambda i: [
+        *EVAL, "--model", i.run(lambda d: _edit_manifest(adapters=json.loads(
+            (d / "ftsafety_run.json").read_text())["adapters"] * 3)(d))], "is listed 3 times"),
+    # -- memory: size limits before reading or tokenising (C11, C26, A05) --------------------------
+    "evaluate: a prompt file larger than the limit": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--or-prompts", _sparse(i, "big.txt", 100 << 20)], "more than the 64 MB"),
+    "evaluate: a JSONL prompt file larger than the limit": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", _sparse(i, "big.jsonl", 80 << 20)], "more than the 64 MB"),
+    "evaluate: a prompt line of several MB": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", i.file("line.txt", "a" * (3 << 20))], "line longer than 1 MB"),
+    "evaluate: a prompt far beyond the context": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--hs-prompts", i.file("long.txt", "word " * 100_000)],
+        "far more than the model's context"),
+    "align: a data row of several MB": Case("align", lambda i: [
+        *ALIGN, "--data", i.data_with({"beavertails/harmful_train.jsonl": jsonl(
+            [{"prompt": "x" * (2 << 20), "response": "r", "category": "privacy_violation"}])})], "line longer than 1 MB"),
+    "run: a recipe whose aliases expand to billions of values": Case("run", lambda i: [
+        i.file("bomb.yaml", _bomb()), *_RUNS(i)], "expands to more than 100,000 values"),
+    "run: an alias bomb in a table row": Case("run", lambda i: [
+        i.file("bomb2.yaml", _bomb(8, "table")), "--dry-run", *_RUNS(i)], "expands to more than 100,000 values"),
+    "run: a recipe file of several MB": Case("run", lambda i: [
+        i.file("huge.yaml", "name: x\n# " + "y" * (2 << 20) + "\n"), *_RUNS(i)], "is not a recipe"),
+    "run: a recipe that is a directory": Case("run", lambda i: [i.dir("recipes-dir"), *_RUNS(i)], "is a directory"),
+    "run: a recipe that is a pipe": Case("run", lambda i: [_fifo(i), *_RUNS(i)], "is not a regular file"),
+    # -- records and tables (A13, A22-A24) --------------------------------------------------------
+    "run: two rows that would share a record": Case("run", lambda i: [
+        _recipe(i, "table: {ratios: [0.25], rows: [{name: A B}, {name: A/B}]}\n"), *_RUNS(i)], "would share the record"),
+    "run: a ratio listed twice": Case("run", lambda i: [
+        _recipe(i, "table: {ratios: [0.25, 0.25], rows: [{name: S}]}\n"), *_RUNS(i)], "is listed twice"),
+    "run: two ratios that print alike": Case("run", lambda i: [
+        _recipe(i, "table: {ratios: [0.25, 0.2500001], rows: [{name: S}]}\n"), *_RUNS(i)], "print alike"),
+    "run: 0 and -0 as two ratios": Case("run", lambda i: [
+        _recipe(i, "table: {ratios: [0.0, -0.0], rows: [{name: S}]}\n"), *_RUNS(i)], "is listed twice"),
+    # -- training settings checked before anything is created (A42-A47) ----------------------------
+    "run: logging every 0 steps": Case("run", lambda i: [_recipe(i), "finetune.train.logging_steps=0", *_RUNS(i)],
+                                       "logging steps must be >= 1"),
+    "run: logging every -3 steps": Case("run", lambda i: [_recipe(i), "align.train.logging_steps=-3", *_RUNS(i)],
+                                        "logging steps must be >= 1"),
+    "align: --report-to an integration not installed": Case("align", (*ALIGN, "--report-to", "wandb"),
+                                                            "its package is not installed (pip install wandb)"),
+    "finetune: --report-to tensorboard, not installed": Case("finetune", (*FT, "--report-to", "tensorboard"),
+                                                             "pip install tensorboard"),
+    "align-vaccine: --report-to none inside a list": Case("align-vaccine", (*ALIGN, "--report-to", "none,wandb"),
+                                                          "'none' and 'all' stand alone"),
+    "finetune-lisa: --report-to an unknown name": Case("finetune-lisa", (*LISA, "--report-to", "../../x"),
+                                                       "not a known integration"),
+    "finetune: n and p that leave no example": Case("finetune", ("--model", "tiny-opt", "--n", "1", "-p", "0.5",
+                                                                 *TRAIN), "gives no examples"),
+    # -- checkpoints and hidden siblings (I01-I04) -------------------------------------------------
+    "align: .partial is a file": Case("align", lambda i: [
+        *ALIGN, "--out", str(Path(i.file(".o.partial", "x")).parent / "o")], "is not an ftsafety checkpoint folder"),
+    "align: .partial is a link to a folder": Case("align", lambda i: [
+        *ALIGN, "--out", _partial_link(i)], "is not an ftsafety checkpoint folder"),
+    "finetune: .partial holds a user's files": Case("finetune", lambda i: [
+        *FT, "--out", str(Path(i.file(".o.partial/thesis.txt", "x")).parent.parent / "o")],
+        "holds files that are not an ftsafety run's checkpoints"),
+    "align: --resume from a checkpoint with a planted pickle": Case("align", lambda i: [
+        "--model", "tiny-opt", "--n", "8", "--max-steps", "6", "--batch-size", "2", "-q", "--resume",
+        "--out", _planted(i, "rng_state.pth")], "is not a checkpoint file this run wrote"),
+    "align: --resume from a planted optimizer.pt": Case("align", lambda i: [
+        "--model", "tiny-opt", "--n", "8", "--max-steps", "6", "--batch-size", "2", "-q", "--resume",
+        "--out", _planted(i, "optimizer.pt")], "is not a checkpoint file this run wrote"),
+    # -- names and paths (G05, G07) ----------------------------------------------------------------
+    "align: an output name too long for its siblings": Case("align", lambda i: [
+        *ALIGN, "--out", str(i.root / ("b" * 248))], "at most 241 fit here"),
+    "evaluate: an output name too long for its siblings": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--out", str(i.root / ("e" * 245))], "at most 241 fit here"),
+    "evaluate: an undecodable output path": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--out", str(i.root / _surrogate("évaluation"))], "is not valid text in this locale"),
+    "finetune: an undecodable model path": Case("finetune", lambda i: [
+        *FT[2:], "--model", str(i.root / _surrogate("résumé"))], "is not valid text in this locale"),
+    # -- evaluations with nothing to do, judges checked before training (M03, M06) -----------------
+    "evaluate: every limit 0": Case("evaluate", ("--model", "tiny-opt", "--hs-limit", "0", "--fa-limit", "0",
+                                                 "--or-limit", "0", "-q"), "nothing to evaluate"),
+    "run: a judge folder that does not exist": Case("run", lambda i: [
+        _recipe(i), "evaluate.judge=classifier:/nonexistent/judge", *_RUNS(i)], "no such directory"),
+    "run: a learned judge folder that does not exist": Case("run", lambda i: [
+        _recipe(i), "evaluate.judge=ftsafety-judge:/nonexistent/j", "--dry-run", *_RUNS(i)], "no such directory"),
+    "evaluate: a learned judge folder without a manifest": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--judge", f"ftsafety-judge:{i.dir('emptyjudge')}"],
+        "not an ftsafety-judge directory"),
+    "evaluate: a learned judge whose weights were changed": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--judge", f"ftsafety-judge:{_tampered_judge(i)}"], "sha256"),
+    "train-judge: a label outside the rubric": Case("train-judge", lambda i: [
+        "--labels", i.file("l.jsonl", json.dumps({"id": "a", "split": "train", "prompt": "p", "response": "r",
+                                                  "label": "unsafe"}) + "\n"), "--base", "tiny-llama"],
+        "label 'unsafe' is not one of refusal, compliance, harmful"),
+    "train-judge: a train split without every class": Case("train-judge", lambda i: [
+        "--labels", i.file("l.jsonl", json.dumps({"id": "a", "split": "train", "prompt": "p", "response": "r",
+                                                  "label": "refusal"}) + "\n"), "--base", "tiny-llama"],
+        "must hold every class"),
+    "train-judge: --layers that are not numbers": Case("train-judge", lambda i: [
+        "--labels", i.file("l.jsonl", "{}"), "--layers", "four", "--base", "tiny-llama"],
+        "--layers takes comma-separated numbers"),
+    "train-judge: a labels file that does not exist": Case("train-judge", lambda i: [
+        "--labels", str(i.path("none.jsonl")), "--base", "tiny-llama"], "cannot read the labels"),
+    "train-judge: a gated prompt with no local copy": Case("train-judge", lambda i: [
+        "--labels", i.file("l.jsonl", json.dumps({"id": "a", "split": "train", "source": "advbench", "row": 0,
+                                                  "prompt_sha256": "0" * 64, "response": "r", "label": "refusal"}) + "\n"),
+        "--base", "tiny-llama", "--data", i.dir("nodata")], "build advbench with scripts/build_prompt_sets.py"),
+    "run: every evaluation limit 0": Case("run", lambda i: [
+        _recipe(i), "evaluate.hs_limit=0", "evaluate.fa_limit=0", "evaluate.or_limit=0", *_RUNS(i)],
+        "nothing to evaluate"),
+})
+
+
+def _shard_outside(i: Inputs, target: str = "../outside/stolen.safetensors") -> str:
+    d = Path(i.model("noweights"))
+    (d / "decoy.safetensors").write_bytes(b"")
+    index = {"metadata": {}, "weight_map": {"model.decoder.embed_tokens.weight": target}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(d)
+
+
+def _zero_weights(i: Inputs) -> str:
+    d = Path(i.model("noweights"))
+    (d / "model.safetensors").write_bytes(b"")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle")
+    return str(d)
+
+
+def _sparse(i: Inputs, name: str, size: int) -> str:
+    p = i.path(name)
+    with open(p, "wb") as fh:
+        fh.truncate(size)
+    return str(p)
+
+
+def _fifo(i: Inputs) -> str:
+    p = i.path("pipe.yaml")
+    os.mkfifo(p)
+    return str(p)
+
+
+def _partial_link(i: Inputs) -> str:
+    target = Path(i.file("victim/thesis.txt", "x")).parent
+    os.symlink(target, i.root / ".o.partial")
+    return str(i.root / "o")
+
+
+def _planted(i: Inputs, filename: str) -> str:
+    """An interrupted align run (its checkpoints in .o.partial/) with `filename` replaced by a pickle that would
+    run code and its hash rewritten in the checkpoint's marker."""
+    import hashlib
+    import pickle
+
+    out = i.root / "o"
+    from ftsafety import train
+
+    with pytest.MonkeyPatch.context() as mp:  # interrupt after the first checkpoint
+        real = train._train
+
+        def stop(trainer, *a, **k):
+            trainer.args.max_steps = 5  # checkpoints fall every 5 steps here
+            real(trainer, *a, **k)
+            raise KeyboardInterrupt
+        mp.setattr(train, "_train", stop)
+        _invoke("align", "--model", "tiny-opt", "--n", "8", "--max-steps", "6", "--batch-size", "2", "-q",
+                "--out", str(out))
+    partial = i.root / ".o.partial"
+    ckpt = sorted(partial.glob("checkpoint-*"))[-1]
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {i.root / 'planted-ran'}",))
+
+    (ckpt / filename).write_bytes(pickle.dumps(Boom()))
+    marker = ckpt / train.CHECKPOINT_MARKER
+    m = json.loads(marker.read_text())
+    m["sha256"][filename] = hashlib.sha256((ckpt / filename).read_bytes()).hexdigest()
+    marker.write_text(json.dumps(m))
+    return str(out)
+
+
+def _tampered_judge(i: Inputs) -> str:
+    from ftsafety.evaluation import learned as L
+
+    d = i.path("judge")
+    d.mkdir()
+    (d / L.MANIFEST).write_text(json.dumps({"name": "ftsafety-judge", "version": "1", "base": "tiny-llama", "layers": 1,
+                                           "max_prompt_tokens": 8, "max_response_tokens": 8,
+                                           "classes": list(L.CLASSES), "sha256": "0" * 64}))
+    (d / L.WEIGHTS).write_bytes(b"not the weights")
+    return str(d)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fixtures: the few expensive inputs are built once per session and copied per case.
 
 
@@ -590,8 +1031,8 @@ def test_bad_input(name, inputs, tmp_path, cli, monkeypatch):
     case = CASES[name]
     for key, value in (case.env or {}).items():
         monkeypatch.setenv(key, value)
-    if case.patch is not None:
-        case.patch(monkeypatch)
+    if case.patch is not None:  # a patch that needs the case's output path takes it too
+        case.patch(monkeypatch, tmp_path / "out") if getattr(case.patch, "needs_out", False) else case.patch(monkeypatch)
     reason = case.skip() if case.skip is not None else None
     if reason:
         pytest.skip(reason)
@@ -683,3 +1124,4 @@ def test_disk_full_at_the_end_of_training_is_one_line_and_resumes(cli, tmp_path,
     r = cli(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert __import__("json").loads((out / "train_results.json").read_text())["resumed_from_step"] == 2
+

@@ -38,35 +38,31 @@ _register_commands()
 def summary(runs: Annotated[list[Path], typer.Argument(help="Evaluation run directories (each holds results.json).",
                                                       metavar="RUN_DIR")]):
     """One table (and its Markdown) from several evaluation runs: HS before and after each stage."""
-    import json
-
+    from rich.markup import escape
     from rich.table import Table
 
     from ftsafety.console import console
+    from ftsafety.report import _md, check_results, read_json_object
 
     rows = []
     for run in runs:
         path = run / "results.json"
         if not path.is_file():
             raise FtsafetyError(f"{run}: no results.json (not an evaluate run, or it did not finish)")
-        try:
-            res = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FtsafetyError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from exc
-        if not isinstance(res, dict):
-            raise FtsafetyError(f"{path}: not an evaluation result (expected a JSON object)")
+        res = read_json_object(path, "evaluation result")
+        check_results(path, res)
         rows.append((run, res))
     table = Table(title="ftsafety summary")
-    cols = ("run", "model", "judge", "HS %", "HS+ %", "FA %", "OR %")
+    cols = ("run", "model", "judge", "HS %", "CR %", "HS+ %", "FA %", "OR %")
     for c in cols:
         table.add_column(c, justify="left" if c in ("run", "model", "judge") else "right")
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for run, r in rows:
         cells = [run.name, str(r.get("model", "")), r.get("judge", {}).get("name", "")] + [
-            f"{r[k]:.1f}" if k in r else "-" for k in ("hs", "hs_plus", "fa", "or")
+            f"{r[k]:.1f}" if r.get(k) is not None else "-" for k in ("hs", "cr", "hs_plus", "fa", "or")
         ]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
+        table.add_row(*map(escape, cells))
+        md.append("| " + " | ".join(map(_md, cells)) + " |")
     console.print(table)
     typer.echo("\n".join(md))
 

@@ -21,12 +21,19 @@ import yaml
 from ftsafety.errors import FtsafetyError
 
 
+MAX_RECIPE_VALUES = 100_000  # a recipe is a few hundred values; YAML aliases can make billions of them
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last, silently)."""
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last, silently).
+    Merge keys (`<<: *defaults`) are YAML's own way to share a section and are kept: keys a mapping
+    writes itself override merged ones, as YAML specifies."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -38,14 +45,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(path: str | Path) -> dict:
     """A YAML file whose top level is a mapping; one-line errors for missing, empty or malformed files."""
     p = Path(path)
+    if p.is_dir():
+        example = next(iter(sorted(p.glob("*.yaml"))), None)
+        raise FtsafetyError(f"{p} is a directory; give a recipe file" + (f" such as {example}" if example else ""))
+    if p.exists() and not p.is_file():
+        raise FtsafetyError(f"{p} is not a regular file (a pipe or a device); give a recipe file")
     if not p.is_file():
         raise FtsafetyError(f"{p}: recipe file does not exist")
+    if p.stat().st_size > 1 << 20:
+        raise FtsafetyError(f"{p}: {p.stat().st_size / 2**20:.0f} MB is not a recipe (a recipe is a few kB)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise FtsafetyError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+        loader = _UniqueKeyLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None and _expanded_size(root, {}) > MAX_RECIPE_VALUES:
+                raise FtsafetyError(f"{p}: the recipe expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases "
+                                    "nested inside each other?); write its sections out")
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -56,6 +78,23 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise FtsafetyError(f"{p}: the top level must be a mapping of keys, got a {type(data).__name__}")
     return data
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many values `node` becomes once every alias is expanded, counted on the node graph (an alias is
+    a shared node), so a billion-laughs recipe is measured in microseconds, not built."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a node met again while counting itself (a recursive alias): counted once
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    return size
 
 
 def parse_value(text: str) -> Any:
@@ -195,7 +234,11 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 def _show(value) -> str:
     if value is None:
         return "nothing (null)"
-    text = repr(value)
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 4, 4, 60, 60
+    text = short.repr(value)  # bounded: a value built from nested aliases is never printed whole
     return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
 
 

@@ -95,14 +95,36 @@ class DataConfig:
 # Reading
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict]:
-    """Read JSONL strictly: every problem names the file and line."""
+# Limits on what a data or prompt file may hold, checked while reading (never after loading it whole): a
+# row of any data set here is a few kB, a whole set well under the file limit.
+MAX_LINE_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 30
+
+
+def check_file_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
+    """One line for a file larger than `limit` bytes, before any of it is read."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size > limit:
+        raise DataError(f"file is {size / 2**20:,.0f} MB, more than the {limit / 2**20:,.0f} MB a data or prompt file "
+                        "may hold here", str(path))
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = (), limit: int = MAX_FILE_BYTES) -> list[dict]:
+    """Read JSONL strictly: every problem names the file and line; a file above `limit` bytes or a line
+    above MAX_LINE_BYTES is refused before it is read whole."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", str(path))
+    check_file_size(path, limit)
     rows = []
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"line longer than {MAX_LINE_BYTES >> 20} MB (one row of a data set is a few kB)",
+                                str(path), lineno)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -346,6 +368,9 @@ def finetune_mix(cfg: DataConfig, task: str, n: int, harmful_ratio: float, seed:
     if n_task > len(benign):
         raise FtsafetyError(f"{n_task} {task} samples asked for, but only {len(benign)} rows are available")
     mix = [dict(h, kind="harmful") for h in harmful[:n_harm]] + [dict(b, kind="task") for b in benign[:n_task]]
+    if not mix:
+        raise FtsafetyError(f"n={n} at p={harmful_ratio:g} gives no examples (int(p*n) = {n_harm} harmful and "
+                            f"int((1-p)*n) = {n_task} task rows, as the original code rounds); raise n")
     random.Random(seed).shuffle(mix)
     return mix
 
@@ -410,6 +435,13 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[dict], tokenizer, cfg: DataConfig):
         self.items = []
+        if tokenizer is None or not hasattr(tokenizer, "eos_token_id"):
+            raise FtsafetyError(f"SFTDataset needs the model's tokenizer, got {type(tokenizer).__name__}")
+        for n, ex in enumerate(examples, 1):
+            if not isinstance(ex, dict) or not isinstance(ex.get("instruction"), str) or not isinstance(ex.get("output"), str):
+                have = ", ".join(map(str, ex)) if isinstance(ex, dict) else type(ex).__name__
+                raise FtsafetyError(f"SFTDataset example {n} needs text fields 'instruction' and 'output' (and "
+                                    f"optionally 'input'); it has {have}")
         eos = tokenizer.eos_token_id
         ctx = getattr(tokenizer, "model_max_length", None)
         ctx = ctx if isinstance(ctx, int) and 0 < ctx < _NO_CONTEXT else None

@@ -109,12 +109,16 @@ def resolve(spec: str) -> ModelSpec:
         raise FtsafetyError(f"no model given; valid aliases: {_valid_aliases()}")
     if spec in ALIASES:
         return ModelSpec(base=spec, source="alias")
+    from ftsafety.utils import check_path_text
+
+    check_path_text(spec, "--model")
     path = Path(spec).expanduser()
     if path.is_dir():
         manifest = path / RUN_MANIFEST
         if manifest.is_file():
             try:
                 data = json.loads(manifest.read_text())
+                _check_manifest(data, manifest)
                 base = data["base_model"]
                 if data.get("base_relpath") and (path / data["base_relpath"]).is_dir():
                     base = str((path / data["base_relpath"]).resolve())  # relative first: copied or moved runs
@@ -133,6 +137,28 @@ def resolve(spec: str) -> ModelSpec:
             f"valid aliases: {_valid_aliases()}"
         )
     return ModelSpec(base=spec, source="hub")
+
+
+def _check_manifest(data, manifest: Path) -> None:
+    """A run manifest's fields have the types ftsafety writes (base_model a string, adapters a list of
+    objects with a string path), and no adapter is listed twice."""
+    def bad(why: str) -> FtsafetyError:
+        return FtsafetyError(f"{manifest}: not a valid ftsafety run manifest ({why})")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON object is expected, got {type(data).__name__}")
+    if not isinstance(data.get("base_model"), str) or not data["base_model"]:
+        raise bad(f"base_model must be a string, got {data.get('base_model')!r:.60}")
+    if data.get("base_relpath") is not None and not isinstance(data["base_relpath"], str):
+        raise bad("base_relpath must be a string")
+    adapters = data.get("adapters", [])
+    if not isinstance(adapters, list) or not all(isinstance(a, dict) and isinstance(a.get("path"), str)
+                                                and isinstance(a.get("relpath", ""), str) for a in adapters):
+        raise bad("adapters must be a list of objects with a string path")
+    paths = [a.get("relpath") or a["path"] for a in adapters]
+    dup = next((p for p in paths if paths.count(p) > 1), None)
+    if dup is not None:
+        raise bad(f"adapter {dup} is listed {paths.count(dup)} times; each adapter of a chain is merged once")
 
 
 def _resolve_adapters(run_dir: Path, data: dict) -> list[str]:
@@ -468,6 +494,9 @@ def attach_lora(model, settings: LoraSettings):
     """Wrap `model` in a fresh trainable LoRA adapter (everything else frozen)."""
     from peft import LoraConfig, get_peft_model
 
+    if hasattr(model, "peft_config") or any(".lora_" in n for n, _ in model.named_modules()):
+        raise FtsafetyError("this model already carries a LoRA adapter: merge it first (model.merge_and_unload()), "
+                            "or train that adapter further with models.continue_lora")
     targets = resolve_targets(model, settings.targets)
     dims = [min(m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]

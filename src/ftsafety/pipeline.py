@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
 from ftsafety.errors import FtsafetyError
 from ftsafety.options import config_key
-from ftsafety.utils import atomic_write_text, run_lock, write_json
+from ftsafety.utils import atomic_write_text, run_kind, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,22 @@ class Table:
         for p in self.ratios:
             if not 0.0 <= p <= 1.0:
                 raise FtsafetyError(f"table.ratios: harmful ratio p must be in [0, 1], got {p}")
+        self.ratios = [p + 0.0 for p in self.ratios]  # -0.0 is 0.0
+        shown = [p_name(p) for p in self.ratios]
+        dup = next((s for s in shown if shown.count(s) > 1), None)
+        if dup is not None:  # a record and a column are named by p: two ratios must not share the name
+            raise FtsafetyError(f"table.ratios: p={dup} is listed twice (or two values print alike: "
+                                f"{[p for p in self.ratios if p_name(p) == dup]})")
         if not self.rows:
             raise FtsafetyError("table.rows must list at least one row")
         names = [r.name for r in self.rows]
         if len(set(names)) != len(names):
             raise FtsafetyError("table.rows: row names must be unique")
+        slugs = [slug(n) for n in names]
+        clash = next((s for s in slugs if slugs.count(s) > 1), None)
+        if clash is not None:  # each row's records are files named by its slug
+            raise FtsafetyError(f"table.rows: rows {', '.join(repr(n) for n, s in zip(names, slugs) if s == clash)} "
+                                f"would share the record name {clash!r}; rename one")
 
 
 @dataclass
@@ -125,18 +137,32 @@ class StagePlan:
 
     @property
     def done(self) -> bool:
-        return (self.dir / STAGE_MARKER).is_file()
+        """Finished: marked by `ftsafety run` and still holding every file of its kind (a stage whose outputs
+        were deleted or damaged since is redone, never trusted on its mark alone)."""
+        from ftsafety.utils import run_kind
+
+        return (self.dir / STAGE_MARKER).is_file() and run_kind(self.dir) is not None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
-    """A recipe and the raw mapping it came from (after `key=value` overrides)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                trust_remote_code: bool = False) -> tuple[Recipe, dict]:
+    """A recipe and the raw mapping it came from (after `key=value` overrides).
+
+    Remote code is the command line's to grant (`--trust-remote-code`), never a file's: a recipe (or an
+    override) that sets `trust_remote_code: true` is refused without the flag, and the flag turns it on."""
     raw = apply_overrides(load_yaml(path), overrides or [])
+    if raw.get("trust_remote_code") is True and not trust_remote_code:
+        raise FtsafetyError(f"{path}: the recipe sets trust_remote_code: true, which runs code shipped with the model; "
+                            "pass --trust-remote-code on the command line to allow it")
+    if trust_remote_code:
+        raw["trust_remote_code"] = True
     return build(Recipe, raw, source=str(path)), raw
 
 
-def pipelines(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[Pipeline]]:
+def pipelines(path: str | Path, overrides: list[str] | None = None,
+              trust_remote_code: bool = False) -> tuple[Recipe, list[Pipeline]]:
     """Every pipeline a recipe describes (one per table row and p, or just one), each validated."""
-    recipe, raw = load_recipe(path, overrides)
+    recipe, raw = load_recipe(path, overrides, trust_remote_code)
     if recipe.table is None:
         return recipe, [Pipeline(recipe, recipe.name, recipe.finetune.harmful_ratio)]
     base = {k: v for k, v in raw.items() if k != "table"}
@@ -220,7 +246,7 @@ def rejudge_source(sp: StagePlan) -> Path | None:
             continue
         cfg = st.get("config") or {}
         if (d != sp.dir and st.get("parent") == sp.parent and {k: v for k, v in cfg.items() if k != "judge"} == want
-                and (d / "samples.jsonl").is_file()):
+                and run_kind(d) == "evaluate"):
             return d
     return None
 
@@ -240,6 +266,9 @@ def _run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool, rejudge_from: Path | 
     `rejudge_from` re-judges that evaluation's answers instead of generating them."""
     r = pipe.recipe
     c = r.common(quiet)
+    if (sp.dir / STAGE_MARKER).is_file():  # marked finished once, but its files are no longer all there
+        log.warning("%s: its files are incomplete (deleted or damaged since it finished); redoing it", sp.dir.name)
+        shutil.rmtree(sp.dir)
     t0 = time.perf_counter()
     marker: dict = {}
     if rejudge_from is not None:
@@ -268,11 +297,44 @@ def _run_stage(sp: StagePlan, pipe: Pipeline, quiet: bool, rejudge_from: Path | 
     return {"seconds": seconds, "summary": summary}
 
 
+def _warn_unaligned_reference(pipes: list[Pipeline]) -> None:
+    """A post-fine-tuning defense that reads the aligned model (rollback) with no alignment stage reads the
+    recipe's own model instead: right for an aligned chat model (the paper's Llama-2-chat), wrong for a base
+    model. Said once per recipe."""
+    seen = set()
+    for pipe in pipes:
+        r = pipe.recipe
+        d = DEFENSES.get(r.post.method)
+        if d is not None and d.needs_aligned and r.align.method == S.NO_STAGE and (r.model, d.name) not in seen:
+            seen.add((r.model, d.name))
+            log.warning("%s (row %r): no alignment stage, so %s restores weights from %s itself; that is right only "
+                        "if %s is already safety-aligned (a chat model)", d.name, pipe.row, d.name, r.model, r.model)
+
+
+def _cached_stage_hint(message: str, runs_dir: Path) -> str:
+    """A failure that names a file inside a cached stage also says how to retrain that stage."""
+    stages = (runs_dir / "stages").resolve()
+    for word in message.replace("(", " ").replace(")", " ").split():
+        try:
+            path = Path(word.rstrip(":;,")).resolve()
+        except (OSError, ValueError):
+            continue
+        if stages in path.parents:
+            stage = stages / path.relative_to(stages).parts[0]
+            return f"{message}; delete {stage} and rerun to redo that stage"
+    return message
+
+
 def check_data(pipes: list[Pipeline]) -> int:
     """Build (or count) every stage's data, not its model, before anything trains: a recipe that asks
     for more rows than its data has fails here in one line, naming the pipeline. Hub data is not
     read (it needs the network): its needs are checked against the hub splits' known sizes instead
     (`_check_hub_sizes`); returns the number of pipelines checked."""
+    from ftsafety.evaluation.judges import check_judge_spec, get_judge
+
+    for spec in sorted({p.recipe.evaluate.judge for p in pipes}):  # a judge that cannot load fails before training
+        get_judge(spec).close()
+        check_judge_spec(spec)
     checked = 0
     for pipe in pipes:
         r = pipe.recipe
@@ -394,9 +456,18 @@ def select(pipes: list[Pipeline], only: list[str] | None, path) -> list[Pipeline
     return [p for p in pipes if p.row in only]
 
 
+def slug(row: str) -> str:
+    """A row's name as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", row).strip("-") or "row"
+
+
+def p_name(p: float) -> str:
+    """A harmful ratio as it names a record and a table column (0.25, not 0.2500)."""
+    return f"{p + 0.0:g}"
+
+
 def record_path(runs_dir: Path, recipe: Recipe, pipe: Pipeline) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", pipe.row).strip("-") or "row"
-    return runs_dir / "pipelines" / recipe.name / f"{slug}-p{pipe.p:g}.json"
+    return runs_dir / "pipelines" / recipe.name / f"{slug(pipe.row)}-p{p_name(pipe.p)}.json"
 
 
 def _warn_if_replacing(path: Path, rec: dict) -> None:
@@ -413,13 +484,14 @@ def _warn_if_replacing(path: Path, rec: dict) -> None:
 
 
 def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path, quiet: bool = False,
-            only: list[str] | None = None, echo=print) -> tuple[Recipe, list[dict]]:
+            only: list[str] | None = None, echo=print, trust_remote_code: bool = False) -> tuple[Recipe, list[dict]]:
     """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
-    recipe, pipes = pipelines(path, overrides)
+    recipe, pipes = pipelines(path, overrides, trust_remote_code)
     order = list(dict.fromkeys(p.row for p in pipes))  # the recipe's row order, whichever rows --only runs
     pipes = select(pipes, only, path)
     runs_dir = Path(runs_dir)
     check_data(pipes)
+    _warn_unaligned_reference(pipes)
     plans = [plan(p, runs_dir) for p in pipes]
     distinct = {s.key: s for ps in plans for s in ps}
     total, n = sum(1 for s in distinct.values() if not s.done), 0
@@ -437,7 +509,10 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
                 source = rejudge_source(s)
                 how = f" re-judging {source.name}" if source else ""
                 echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}){how} -> {s.dir}")
-                seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
+                try:
+                    seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
+                except FtsafetyError as exc:
+                    raise FtsafetyError(_cached_stage_hint(str(exc), runs_dir)) from exc
             stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
                                "cached": cached, "seconds": seconds})
         results = json.loads((steps[-1].dir / "results.json").read_text())

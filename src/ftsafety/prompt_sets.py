@@ -244,16 +244,21 @@ def _local_copy(pset: PromptSet, data_dir: str | None) -> Path | None:
     return next((base / f"{pset.name}{ext}" for ext in FORMATS if (base / f"{pset.name}{ext}").is_file()), None)
 
 
+MAX_PROMPT_FILE_BYTES = 64 << 20  # a prompt set is kilobytes to a few MB
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a local prompt file, each a dict; every problem is one line naming the file."""
+    """The rows of a local prompt file, each a dict; every problem is one line naming the file. A file
+    above MAX_PROMPT_FILE_BYTES, or a line above the data layer's line limit, is refused unread."""
     from ftsafety import data as D
 
     suffix = path.suffix.lower()
+    D.check_file_size(path, MAX_PROMPT_FILE_BYTES)
     if suffix == ".jsonl":
-        return D.read_jsonl(path)
+        return D.read_jsonl(path, limit=MAX_PROMPT_FILE_BYTES)
     try:
         if suffix == ".txt":
-            return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return _text_rows(path)
         if suffix == ".csv":
             with open(path, newline="", encoding="utf-8-sig") as fh:
                 return [dict(r) for r in csv.DictReader(fh)]
@@ -280,6 +285,22 @@ def read_rows(path: Path) -> list[dict]:
     except Exception as exc:  # pyarrow's errors: one line
         raise DataError(f"cannot read as {suffix[1:]} ({str(exc).splitlines()[0][:160]})", str(path)) from None
     raise DataError(f"unsupported format {suffix or '(none)'}; use one of {', '.join(FORMATS)}", str(path))
+
+
+def _text_rows(path: Path) -> list[dict]:
+    """One prompt per non-empty line of a text file, read line by line with the line limit."""
+    from ftsafety import data as D
+
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(iter(lambda: fh.readline(D.MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > D.MAX_LINE_BYTES:
+                raise DataError(f"line longer than {D.MAX_LINE_BYTES >> 20} MB (a prompt is a few hundred characters)",
+                                str(path), lineno)
+            line = raw.decode("utf-8").strip()
+            if line:
+                rows.append({"prompt": line})
+    return rows
 
 
 def _hub_rows(pset: PromptSet) -> list[dict]:

@@ -12,6 +12,10 @@ import csv
 import io
 import json
 import logging
+import math
+import os
+import shutil
+import tempfile
 import platform
 import time
 from pathlib import Path
@@ -20,7 +24,7 @@ from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.judges import judge_record
 from ftsafety.evaluation.stats import two_proportion_p, wilson
 from ftsafety.pipeline import RESULT_KEYS
-from ftsafety.utils import atomic_write_text, write_json
+from ftsafety.utils import atomic_write_text, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +46,22 @@ def load_records(runs_dir: str | Path, recipe: str | None = None, judge=None, ec
         raise FtsafetyError(f"{runs_dir}: no records of recipe {recipe!r}; found {', '.join(names)}")
     records = []
     for path in sorted((root / recipe).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FtsafetyError(f"{path}: not valid JSON ({exc.msg})") from exc
+        rec = read_json_object(path, "pipeline record")
+        if "stages" not in rec and "recipe" not in rec:
+            log.info("%s: not a pipeline record (no recipe, no stages); skipped", path)
+            continue
+        check_record(path, rec)
         ev = Path(rec["stages"][-1]["dir"])
         if judge is not None:
             ev = _rejudged(Path(runs_dir), ev, judge, echo)
             rec["judge"] = judge_record(judge)
         if (ev / "results.json").is_file():  # the evaluation run is the source of truth
-            res = json.loads((ev / "results.json").read_text())
+            res = read_json_object(ev / "results.json", "evaluation result")
+            check_results(ev / "results.json", res)
             rec["results"] = {k: res.get(k) for k in RESULT_KEYS}
         records.append(rec)
+    if not records:
+        raise FtsafetyError(f"{root / recipe}: no pipeline records")
     records.sort(key=lambda r: (r.get("row_order", 0), r["p"]))
     return recipe, records
 
@@ -70,6 +78,86 @@ def _rejudged(runs_dir: Path, ev: Path, judge, echo=None) -> Path:
             echo(f"re-judging {ev.name} with {judge.name}")
         rejudge(ev, judge, target)
     return target
+
+
+RATE_KEYS = ("hs", "hs_plus", "cr", "fa", "or")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path`; one line naming the file for anything else."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FtsafetyError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}); not a readable {what}") from None
+    except OSError as exc:
+        raise FtsafetyError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(obj, dict):
+        raise FtsafetyError(f"{path}: not {_a(what)} (expected a JSON object, got {type(obj).__name__})")
+    return obj
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_results(path: Path, res: dict) -> None:
+    """An evaluation's results.json as report and summary read it: rates finite in [0, 100] (or absent),
+    counts whole and >= 0, the model a string and the judge an object with a name."""
+    for k in RATE_KEYS:
+        v = res.get(k)
+        if v is not None and not (_number(v) and 0 <= v <= 100):
+            raise FtsafetyError(f"{path}: {k} must be a rate in [0, 100], got {v!r}")
+        n = res.get(f"{k}_n")
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            raise FtsafetyError(f"{path}: {k}_n must be a whole number >= 0, got {n!r}")
+    if "model" in res and not isinstance(res["model"], str):
+        raise FtsafetyError(f"{path}: model must be a string, got {res['model']!r:.60}")
+    judge = res.get("judge", {})
+    if not isinstance(judge, dict) or not isinstance(judge.get("name", ""), str):
+        raise FtsafetyError(f"{path}: judge must be an object with a name, got {judge!r:.60}")
+
+
+def check_record(path: Path, rec: dict) -> None:
+    """A pipeline record as `ftsafety run` writes it; one line naming the file and the field otherwise."""
+    if not isinstance(rec.get("row"), str):
+        raise FtsafetyError(f"{path}: row must be a string, got {rec.get('row')!r:.60}")
+    p = rec.get("p")
+    if not (_number(p) and 0 <= p <= 1):
+        raise FtsafetyError(f"{path}: p must be a number in [0, 1], got {p!r}")
+    stages = rec.get("stages")
+    if not isinstance(stages, list) or not stages or not all(
+            isinstance(s, dict) and isinstance(s.get("dir"), str) and isinstance(s.get("kind"), str) for s in stages):
+        raise FtsafetyError(f"{path}: stages must be a non-empty list of stages (each with a kind and a dir)")
+    for key in ("results", "paper"):
+        if not isinstance(rec.get(key, {}), dict):
+            raise FtsafetyError(f"{path}: {key} must be an object, got {type(rec[key]).__name__}")
+    check_results(path, rec.get("results", {}))
+    for s in stages:
+        if s.get("seconds") is not None and not _number(s["seconds"]):
+            raise FtsafetyError(f"{path}: a stage's seconds must be a number, got {s['seconds']!r}")
+    methods = rec.get("methods", [])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise FtsafetyError(f"{path}: methods must be a list of strings")
+    paper = rec.get("paper", {})
+    for k in ("hs", "fa"):
+        if paper.get(k) is not None and not _number(paper[k]):
+            raise FtsafetyError(f"{path}: paper.{k} must be a number, got {paper[k]!r}")
+    if not isinstance(paper.get("note", ""), str):
+        raise FtsafetyError(f"{path}: paper.note must be a string")
+    for k in ("model", "data", "task", "recipe"):
+        if k in rec and not isinstance(rec[k], str):
+            raise FtsafetyError(f"{path}: {k} must be a string, got {rec[k]!r:.60}")
+    rec.setdefault("paper", {})
+    rec.setdefault("results", {})
+
+
+def _md(text) -> str:
+    """Text for one Markdown table cell or list item: a '|' would start a new cell, a newline end the row."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
 
 
 def _fmt(x: float | None) -> str:
@@ -186,7 +274,7 @@ def markdown(table: dict, meta: dict) -> str:
                 "regenerated; FA and OR unchanged).", ""] if meta.get("rejudged") else []),
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in table["rows"]:
-        cells = [row["row"]]
+        cells = [_md(row["row"])]
         for m in shown:
             for p in ps:
                 ours, paper = _cell(row, m, p), row[f"paper_{m}"].get(p)
@@ -211,11 +299,11 @@ def markdown(table: dict, meta: dict) -> str:
         lines += ["", f"In parentheses: the paper's figure — {meta['paper_source']}. "
                   "Our setting differs (model, data size, judge), so compare the direction of each change, "
                   "not the level."]
-    notes = [f"- **{r['row']}**: {r['note']}" for r in table["rows"] if r["note"]]
+    notes = [f"- **{_md(r['row'])}**: {_md(r['note'])}" for r in table["rows"] if r["note"]]
     if notes:
         lines += ["", *notes]
     lines += ["", "Pipelines (stage:method, in order):", ""]
-    lines += [f"- {r['row']}: {' → '.join(r['methods'])}" for r in table["rows"]]
+    lines += [f"- {_md(r['row'])}: {' → '.join(r['methods'])}" for r in table["rows"]]
     time_line = _time_line(table.get("stage_seconds", {}))
     if time_line:
         lines += ["", time_line]
@@ -290,13 +378,66 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None =
         "rejudged": judge is not None,
         "command": command or f"ftsafety report {runs_dir}",
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "table.md", markdown(table, meta))
-    atomic_write_text(out / "table.csv", to_csv(table))
-    write_json(out / "table.json", {"meta": meta, **table})
-    plot(table, out / "hs_fa.png", f"{name}: HS vs FA ({meta['model']}, judge {meta['judge']})")
+    with run_lock(out_dir):
+        out = check_report_dir(out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+        try:  # every file is made first, then all are moved into place together
+            atomic_write_text(staging / "table.md", markdown(table, meta))
+            atomic_write_text(staging / "table.csv", to_csv(table))
+            write_json(staging / "table.json", {"meta": meta, **table})
+            plot(table, staging / "hs_fa.png", f"{name}: HS vs FA ({meta['model']}, judge {meta['judge']})")
+            _move_together(staging, out, REPORT_FILES)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return {"meta": meta, "table": table, "out": str(out)}
+
+
+REPORT_FILES = ("table.md", "table.csv", "table.json", "hs_fa.png")
+
+
+def _ours(out: Path) -> bool:
+    """Whether the report files in `out` are an earlier report's (its table.json names its rows and meta)."""
+    try:
+        obj = json.loads((out / "table.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"meta", "rows", "ratios"} <= set(obj)
+
+
+def check_report_dir(out_dir: str | Path) -> Path:
+    """The report folder, created if needed; one line when it cannot be written, or when it holds a
+    table.md / table.csv / table.json / hs_fa.png that no earlier report wrote (a user's own files are
+    never replaced; other files in the folder are left alone)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FtsafetyError(f"report folder {out} exists and is not a directory (choose another --out)")
+    present = [n for n in REPORT_FILES if (out / n).exists()]
+    if present and not _ours(out):
+        raise FtsafetyError(f"report folder {out} holds {', '.join(present)} that no ftsafety report wrote; refusing "
+                            "to replace them (choose another --out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".ftsafety-probe-", dir=out))
+    except OSError as exc:
+        raise FtsafetyError(f"report folder {out} cannot be written ({exc.strerror or exc})") from None
+    return out
+
+
+def _move_together(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    """Rename each file of `src` over `dst` with SIGINT/SIGTERM held back: the folder never shows half of
+    the new report beside half of the old one (a held signal is delivered right after)."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for name in names:
+            if (src / name).exists():
+                os.replace(src / name, dst / name)
+            elif (dst / name).exists():  # an old plot the new report could not draw (no matplotlib)
+                os.unlink(dst / name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _machine(env: dict) -> str:

@@ -100,6 +100,7 @@ class FinetuneBase:
             raise FtsafetyError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if not 0.0 <= self.harmful_ratio <= 1.0:
             raise FtsafetyError(f"harmful ratio p must be in [0, 1], got {self.harmful_ratio}")
+        self.harmful_ratio += 0.0  # -0.0 is 0.0 (one cache key, one record)
         if self.n < 1:
             raise FtsafetyError(f"number of fine-tuning samples n must be >= 1 (--n / finetune.n), got {self.n}")
 

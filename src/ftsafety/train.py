@@ -246,6 +246,8 @@ def train_lora(
     others wait for it and return the same summary. The number of processes is part of the settings
     a resume must share.
     """
+    if not examples:
+        raise FtsafetyError(f"{stage}: no training examples (an empty list); nothing to train on")
     out_dir = check_writable_dir(out_dir, "train")
     final = Path(out_dir)
     TrainingInterrupted.last = None
@@ -504,6 +506,26 @@ def check_pickle_hashes(ckpt: Path) -> None:
     if bad:
         raise FtsafetyError(f"{ckpt}: {', '.join(bad)} changed since the run wrote it (sha256); refusing to load it "
                             "(drop --resume to start over)")
+    for name in sorted(have):  # the marker sits beside the files and can be rewritten: read each one safely too
+        if name != "training_args.bin":  # the Trainer writes it for people and never reads it back
+            check_plain_pickle(ckpt / name)
+
+
+def check_plain_pickle(path: Path) -> None:
+    """Load `path` the safe way (tensors, numbers and numpy arrays only, `weights_only=True`) before the
+    Trainer does: a file with anything else in it is refused in one line (and never unpickled fully, on
+    any torch release)."""
+    import warnings
+
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+
+        with safe_globals(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on a foreign pickle protocol: the line below says it all
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise FtsafetyError(f"{path} is not a checkpoint file this run wrote (it holds more than tensors and numbers); "
+                            "refusing to load it: drop --resume to start over") from None
 
 
 def _is_complete(ckpt: Path) -> bool:
@@ -528,7 +550,14 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 
 
 def _prepare_partial(partial: Path, stage: str, fp_config: dict, fingerprint: str, resume: bool) -> Path | None:
-    """Set up the checkpoint directory; return the checkpoint to resume from (None: start fresh)."""
+    """Set up the checkpoint directory; return the checkpoint to resume from (None: start fresh). A path
+    there that is not a checkpoint folder this tool made (a file, a link, a folder of other files) is
+    refused, never deleted."""
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise FtsafetyError(f"{partial} is not an ftsafety checkpoint folder (a {'link' if partial.is_symlink() else 'file'}); "
+                            "remove it, then rerun")
+    if partial.is_dir() and any(partial.iterdir()) and not (partial / PARTIAL_MANIFEST).is_file():
+        raise FtsafetyError(f"{partial} holds files that are not an ftsafety run's checkpoints; move them away, then rerun")
     manifest = None
     if resume:
         try:

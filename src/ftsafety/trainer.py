@@ -68,10 +68,32 @@ def scored_positions(model: torch.nn.Module, inputs: dict) -> dict:
     return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
+def _check_inputs(kwargs: dict) -> None:
+    """What the ftsafety trainers need, said in one sentence where the stock Trainer would fail deep in a
+    batch: tokenised rows (`ftsafety.data.SFTDataset`) and a padding collator (`ftsafety.data.Collator`)."""
+    from ftsafety.errors import FtsafetyError
+
+    for name in ("train_dataset", "alignment_dataset", "harmful_dataset"):
+        data = kwargs.get(name)
+        if data is None:
+            continue
+        try:
+            first = data[0] if len(data) else None
+        except (TypeError, KeyError, IndexError):
+            continue
+        if isinstance(first, dict) and "input_ids" not in first:
+            raise FtsafetyError(f"{name} holds raw rows ({', '.join(map(str, list(first)[:4]))}); wrap them in "
+                                "ftsafety.data.SFTDataset(rows, tokenizer, DataConfig()) to tokenise them")
+    if kwargs.get("train_dataset") is not None and kwargs.get("data_collator") is None:
+        raise FtsafetyError("data_collator is missing: pass data_collator=ftsafety.data.Collator(tokenizer.pad_token_id) "
+                            "(the rows have different lengths and must be padded)")
+
+
 class FtTrainer(Trainer):
     """`transformers.Trainer` whose loss projects only the scored positions onto the vocabulary."""
 
     def __init__(self, *args, **kwargs):
+        _check_inputs(kwargs)
         super().__init__(*args, **kwargs)
         self.scored_head = masks_logits(self.model)
         if not self.scored_head:

@@ -318,6 +318,20 @@ def run_kind(path: Path) -> str | None:
     return None
 
 
+# The longest name ftsafety gives a sibling of an output NAME: ".NAME.tmp-" + 8 random characters (atomic_dir)
+SIBLING_SUFFIX_BYTES = 1 + len(".tmp-") + 8
+
+
+def check_path_text(path: str | os.PathLike, what: str = "path") -> None:
+    """A path must be text that can be written into results (UTF-8): under a C locale, a non-ASCII name
+    arrives as undecodable bytes and would be recorded as escapes, not as the path."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FtsafetyError(f"{what} {os.fspath(path)!r} is not valid text in this locale (LC_ALL=C?); run under a "
+                            "UTF-8 locale (e.g. LC_ALL=C.UTF-8) or use an ASCII name") from None
+
+
 def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path:
     """Fail early, in one line, when an output directory cannot be written (or must not be replaced).
 
@@ -332,6 +346,7 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
     path = Path(path)
     if not str(path).strip():
         raise FtsafetyError("--out is empty; give the run directory to write")
+    check_path_text(path)
     if path.is_symlink():
         target = Path(os.path.realpath(path))
         if not target.parent.is_dir():
@@ -360,6 +375,14 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
         anchor = anchor.parent
     if not anchor.is_dir():
         raise FtsafetyError(f"output directory {path} cannot be created: {anchor} is not a directory")
+    try:
+        name_max = os.pathconf(anchor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - SIBLING_SUFFIX_BYTES
+    if len(os.fsencode(path.name)) > room:
+        raise FtsafetyError(f"output name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes; with the hidden "
+                            f"siblings written beside it (.NAME.partial, .NAME.tmp-...) at most {room} fit here")
     try:
         probe = tempfile.mkdtemp(prefix=".ftsafety-probe-", dir=anchor)
         os.rmdir(probe)

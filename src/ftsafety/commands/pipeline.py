@@ -25,6 +25,9 @@ def run(
     = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every stage with its resolved config; run nothing.", metavar="")]
     = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Run code shipped with a hub model (a recipe cannot turn this on by itself).",
+        metavar="")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ):
@@ -33,7 +36,7 @@ def run(
 
     _setup(verbose, quiet)
     if dry_run:
-        _, pipes = pipeline.pipelines(recipe, overrides or [])
+        _, pipes = pipeline.pipelines(recipe, overrides or [], trust_remote_code)
         pipes = pipeline.select(pipes, only, recipe)
         typer.echo(pipeline.describe(pipes, runs))
         n = pipeline.check_data(pipes)
@@ -41,7 +44,8 @@ def run(
         typer.echo((f"data: every stage's rows are there ({n} pipelines checked)" if n else "data:")
                    + (f"{';' if n else ''} {hub} pipelines read the hub: not checked offline" if hub else ""))
         return
-    rec, records = pipeline.execute(recipe, overrides or [], runs, quiet=quiet, only=only, echo=typer.echo)
+    rec, records = pipeline.execute(recipe, overrides or [], runs, quiet=quiet, only=only, echo=typer.echo,
+                                    trust_remote_code=trust_remote_code)
     for r in records:
         res = r["results"]
         typer.echo(f"  {r['row']:<28} p={r['p']:<5g} HS {_f(res.get('hs'))}  FA {_f(res.get('fa'))}")

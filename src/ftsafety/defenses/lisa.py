@@ -143,7 +143,8 @@ class LisaTrainer(FtTrainer):
 
     Args:
         alignment_dataset: tokenised alignment examples (e.g. an `SFTDataset`), batched with the
-            Trainer's collator and batch size; None or empty turns BSO off (as `guide_data_num=0`).
+            Trainer's collator and batch size; an empty one turns BSO off (as `guide_data_num=0`).
+            Required when `alignment_steps > 0`.
         lisa: a `LisaConfig` (alignment_steps, finetune_steps, rho, prox_start).
 
     The total number of steps is set by the user data (epochs / max_steps); alignment steps replace
@@ -153,6 +154,9 @@ class LisaTrainer(FtTrainer):
     def __init__(self, *args, alignment_dataset=None, lisa: LisaConfig | None = None, **kwargs):
         # `lisa` wins over the knobs of `args` (a LisaTrainingArguments), which win over the defaults
         self.lisa = lisa or defense_settings(LisaConfig, args, kwargs, {})
+        if alignment_dataset is None and self.lisa.alignment_steps > 0:
+            raise FtsafetyError("LisaTrainer: alignment_steps > 0 needs alignment_dataset (tokenised alignment examples, "
+                                "e.g. an SFTDataset); for a plain fine-tune set alignment_steps=0")
         super().__init__(*args, **kwargs)
         self.alignment_dataset = alignment_dataset
         has_align = alignment_dataset is not None and len(alignment_dataset) > 0
@@ -361,7 +365,7 @@ def _setup(cfg: LisaConfig, common, stage) -> TrainerSetup:
     examples = _alignment_examples(cfg, common)
 
     def kwargs_fn(tokenizer, model):
-        return {"alignment_dataset": D.SFTDataset(examples, tokenizer, dcfg) if examples else None, "lisa": cfg}
+        return {"alignment_dataset": D.SFTDataset(examples, tokenizer, dcfg) if examples else [], "lisa": cfg}
 
     return TrainerSetup(LisaTrainer, kwargs_fn=kwargs_fn, record={"lisa": dataclasses.asdict(cfg)})
 

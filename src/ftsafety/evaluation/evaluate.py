@@ -118,17 +118,29 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     check_judge_spec(cfg.judge)  # and on a judge directory that is not there
     # every data set is read (and checked) before the model loads: bad data fails in a second
     if prompts is not None:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise FtsafetyError(f"prompts must be a list of prompts (strings or {{'prompt', 'category'}} dicts), got "
+                                f"{type(prompts).__name__}{': wrap a single prompt in a list' if isinstance(prompts, str) else ''}")
+        if not prompts:
+            raise FtsafetyError("prompts is an empty list: give the harmful prompts to score, or leave it out")
         hs_items = [_item(p, i) for i, p in enumerate(prompts[: cfg.hs_limit or None], 1)] if cfg.hs_limit else []
     else:
         hs_items = prompt_sets.items(cfg.hs_prompts, "harmful", cfg.data, cfg.hs_limit, cfg.prompt_field) if cfg.hs_limit else []
     fa_exs = D.task_examples(cfg.data, cfg.task, "test", cfg.fa_limit) if cfg.task != "none" and cfg.fa_limit else []
     or_items = prompt_sets.items(cfg.or_prompts, "benign", cfg.data, cfg.or_limit, cfg.prompt_field) if cfg.or_limit else []
     t_start = time.perf_counter()
+    in_memory = None
     if model is None:
         model, tokenizer, _ = models.load(cfg.model, device=dev, trust_remote_code=cfg.trust_remote_code)
+    else:  # what was scored is the model given, not cfg.model
+        if tokenizer is None:
+            raise FtsafetyError("evaluate(model=...) needs tokenizer=... (the model's own tokenizer)")
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        in_memory = f"in-memory {type(model).__name__}" + (f" ({name})" if name else "")
     samples: list[dict] = []
-    results: dict = {"model": cfg.model, "judge": judge_record(judge), "seed": cfg.seed,
-                     "hs_prompts": cfg.hs_prompts, "or_prompts": cfg.or_prompts}
+    results: dict = {"model": cfg.model if in_memory is None else in_memory, "judge": judge_record(judge), "seed": cfg.seed,
+                     "hs_prompts": cfg.hs_prompts if prompts is None else f"custom prompts ({len(hs_items)})",
+                     "or_prompts": cfg.or_prompts}
     timings: dict[str, float] = {}
     gen_tokens = 0
     gen_stats: dict[str, dict] = {"hs": {}, "fa": {}, "or": {}}  # which engine decoded each part, and why
@@ -209,6 +221,9 @@ def _fit_context(model, tokenizer, prompts: list[str], max_new_tokens: int, what
     if not ctx:
         return prompts
     for i, p in enumerate(prompts, 1):
+        if len(p) > 64 * ctx:  # no token spans 64 characters: too long to fit, known without tokenising it
+            raise FtsafetyError(f"{what} {i} is {len(p):,} characters, far more than the model's context of {ctx} "
+                                f"tokens can hold (shorten the prompts)")
         n = len(D.encode_prompt(tokenizer, p))
         if n + max_new_tokens > ctx:
             raise FtsafetyError(

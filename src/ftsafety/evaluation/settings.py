@@ -35,6 +35,8 @@ class EvalSettings:
         for name in ("hs_limit", "fa_limit", "or_limit"):
             if getattr(self, name) < 0:
                 raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 0 (0 skips it), got {getattr(self, name)}")
+        if self.hs_limit == self.fa_limit == self.or_limit == 0:
+            raise FtsafetyError("nothing to evaluate: --hs-limit, --fa-limit and --or-limit are all 0")
         for name in ("batch_size", "max_new_tokens", "fa_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise FtsafetyError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
