@@ -56,12 +56,20 @@ def test_scored_positions_leaves_unlabelled_batches_alone():
     assert scored_positions(model, {"input_ids": ids}) == {"input_ids": ids}
 
 
-def test_report_to_reaches_the_trainer(tmp_path):
-    """--report-to (issue 18): passed to TrainingArguments; 'none' (the default) reports nowhere."""
+def test_report_to_reaches_the_trainer(tmp_path, monkeypatch):
+    """--report-to (issue 18): passed to TrainingArguments; 'none' (the default) reports nowhere; an
+    integration whose package is missing is refused up front (the fresh venv has neither package, so
+    the installed set is stood in for)."""
     import torch
+    from transformers.integrations import integration_utils as iu
 
+    from ftsafety.errors import FtsafetyError
     from ftsafety.train import TrainConfig, training_args
 
+    monkeypatch.setattr(iu, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(FtsafetyError, match="not installed"):
+        TrainConfig(report_to="tensorboard")
+    monkeypatch.setattr(iu, "get_available_reporting_integrations", lambda: ["tensorboard", "wandb"])
     args = training_args(TrainConfig(report_to="tensorboard, wandb"), torch.device("cpu"), str(tmp_path))
     assert list(args.report_to) == ["tensorboard", "wandb"]
     assert list(training_args(TrainConfig(), torch.device("cpu"), str(tmp_path)).report_to) in ([], ["none"])
