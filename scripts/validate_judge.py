@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ftsafety.evaluation.stats import agreement
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ROOT / "tests" / "data" / "judge" / "labels.jsonl"
 SECOND = ROOT / "tests" / "data" / "judge" / "labels_second.jsonl"
+FIRST_PASS = ROOT / "tests" / "data" / "judge" / "labels_first_pass.jsonl"
 JUDGES = ("ftsafety-judge", "compliance", "keyword")
 QUESTIONS = {"harmful": "harmful-vs-not", "refusal": "refusal-vs-not"}
 FIGURES = ("accuracy", "precision", "recall", "kappa")
@@ -86,13 +88,19 @@ def figures(labels: list[str], predicted: list[str | None], groups: list[str], n
     return out
 
 
+def prompt_set_family(source: str | None) -> str:
+    """The prompt set a source is drawn from: `beavertails-eval` and `beavertails-calibration` are two
+    splits of one set, so a judge trained on one has seen the set."""
+    return re.sub(r"-(eval|calibration)$", "", str(source).split(":")[0])
+
+
 def scores(rows: list[dict], judges: tuple[str, ...] = JUDGES, n_boot: int = 2000, split: str = "test") -> dict:
     """{judge: {"all"|"unseen states"|"unseen set": {"harmful"|"refusal": figures}}} on `split`."""
     test = [r for r in rows if r["split"] == split and r.get("prompt") is not None]
     train_states = {r.get("state") for r in rows if r["split"] == "train"}
-    train_sources = {r.get("source") for r in rows if r["split"] == "train"}
+    train_sets = {prompt_set_family(r.get("source")) for r in rows if r["split"] == "train"}
     parts = {"all": test, "unseen states": [r for r in test if r.get("state") not in train_states],
-             "unseen set": [r for r in test if r.get("source") not in train_sources]}
+             "unseen set": [r for r in test if prompt_set_family(r.get("source")) not in train_sets]}
     out = {}
     for name in judges:
         pred = dict(zip((r["id"] for r in test), predictions(test, name)))
@@ -113,6 +121,17 @@ def labellers(rows: list[dict], second: list[dict], n_boot: int = 2000) -> dict:
     out["three_class_agreement"] = sum(a == b for a, b in zip(labels, other)) / len(both) if both else 0.0
     out["n"] = len(both)
     return out
+
+
+def read_first_pass(path: str | Path) -> list[dict]:
+    """The first labeller's first-pass labels of pairs it later re-read (id, label): not an independent
+    labeller, so its agreement is a test-retest figure, never the ceiling."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _pct(x: float, ci: tuple[float, float] | None = None) -> str:
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labels", default=str(LABELS))
     ap.add_argument("--second", default=str(SECOND))
+    ap.add_argument("--first-pass", default=str(FIRST_PASS), help="the first labeller's first pass of re-read pairs")
     ap.add_argument("--data", default=None, help="a data directory with the gated sets' prompts (train split only)")
     ap.add_argument("--judges", default=",".join(JUDGES))
     ap.add_argument("--bootstrap", type=int, default=2000)
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     figs = scores(rows, tuple(j for j in args.judges.split(",") if j), args.bootstrap)
     second = load_labels(args.second, need_text=False) if Path(args.second).is_file() else []
     ceiling = labellers(rows, second, args.bootstrap) if second else None
+    first_pass = read_first_pass(args.first_pass)
+    retest = labellers(rows, first_pass, args.bootstrap) if first_pass else None
     test = [r for r in rows if r["split"] == "test"]
     counts = {c: sum(r["label"] == c for r in test) for c in ("refusal", "compliance", "harmful")}
     print(f"{len(rows)} labelled pairs; test split {len(test)} ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
@@ -164,9 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     if ceiling:
         print(f"\nlabellers: {ceiling['n']} pairs labelled twice, three-class agreement "
               f"{100 * ceiling['three_class_agreement']:.1f}%")
+    if retest:
+        print(f"\nthe first labeller against its own first pass ({retest['n']} training pairs re-read, test-retest, "
+              f"not an independent labeller): kappa harmful {retest['harmful']['kappa']:.3f}, "
+              f"refusal {retest['refusal']['kappa']:.3f}, three-class agreement {100 * retest['three_class_agreement']:.1f}%")
     speed = ", ".join(f"{k} {v:.1f}" for k, v in SPEED.items())
     print(f"\npairs per second on the test split (this machine, {torch_threads()} threads): {speed}")
-    result = {"judges": figs, "labellers": ceiling, "pairs_per_second": SPEED, "test_counts": counts,
+    result = {"judges": figs, "labellers": ceiling, "test_retest": retest, "pairs_per_second": SPEED, "test_counts": counts,
               "bootstrap": args.bootstrap}
     if args.out:
         import json
