@@ -28,6 +28,7 @@ from pathlib import Path
 from ftsafety import data as D
 from ftsafety import models, prompt_sets
 from ftsafety.evaluation.generate import generate
+from ftsafety.evaluation.judge_train import source_set
 
 LONG = 128  # new tokens for a third of the pairs, SHORT for the rest
 SHORT = 64
@@ -36,7 +37,7 @@ SHORT = 64
 def source_rows(spec: str, cfg: D.DataConfig) -> tuple[str, list[dict]]:
     """(source name, [{"row", "prompt", "category"}]) of one --prompts spec."""
     name, *bounds = spec.split(":")
-    if name.startswith(("beavertails-", "builtin-")):
+    if source_set(name) != name:
         origin, split = name.split("-", 1)
         data = cfg if origin == "beavertails" else D.DataConfig(data="builtin")
         rows = [{"prompt": r["prompt"], "category": D._category(r)} for r in D.rows(data, "beavertails", split)]

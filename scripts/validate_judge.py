@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 from collections import defaultdict
 from pathlib import Path
 
-from ftsafety.evaluation.judge_train import load_labels
+from ftsafety.evaluation.judge_train import load_labels, source_set
 from ftsafety.evaluation.stats import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,19 +87,13 @@ def figures(labels: list[str], predicted: list[str | None], groups: list[str], n
     return out
 
 
-def prompt_set_family(source: str | None) -> str:
-    """The prompt set a source is drawn from: `beavertails-eval` and `beavertails-calibration` are two
-    splits of one set, so a judge trained on one has seen the set."""
-    return re.sub(r"-(eval|calibration)$", "", str(source).split(":")[0])
-
-
 def scores(rows: list[dict], judges: tuple[str, ...] = JUDGES, n_boot: int = 2000, split: str = "test") -> dict:
     """{judge: {"all"|"unseen states"|"unseen set": {"harmful"|"refusal": figures}}} on `split`."""
     test = [r for r in rows if r["split"] == split and r.get("prompt") is not None]
     train_states = {r.get("state") for r in rows if r["split"] == "train"}
-    train_sets = {prompt_set_family(r.get("source")) for r in rows if r["split"] == "train"}
+    train_sets = {source_set(str(r.get("source"))) for r in rows if r["split"] == "train"}
     parts = {"all": test, "unseen states": [r for r in test if r.get("state") not in train_states],
-             "unseen set": [r for r in test if prompt_set_family(r.get("source")) not in train_sets]}
+             "unseen set": [r for r in test if source_set(str(r.get("source"))) not in train_sets]}
     out = {}
     for name in judges:
         pred = dict(zip((r["id"] for r in test), predictions(test, name)))
@@ -126,12 +119,9 @@ def labellers(rows: list[dict], second: list[dict], n_boot: int = 2000) -> dict:
 def read_first_pass(path: str | Path) -> list[dict]:
     """The first labeller's first-pass labels of pairs it later re-read (id, label): not an independent
     labeller, so its agreement is a test-retest figure, never the ceiling."""
-    import json
+    from ftsafety.data import read_jsonl
 
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path, ("id", "label")) if Path(path).is_file() else []
 
 
 def _pct(x: float, ci: tuple[float, float] | None = None) -> str:

@@ -53,8 +53,6 @@ def test_labelled_set_is_what_its_card_says(rows):
 
 
 def test_second_labeller_overlap(rows):
-    if not (DATA / "labels_second.jsonl").is_file():
-        pytest.skip("no second labeller's file: no independent second labelling was made (README, data card)")
     first = {r["id"]: r for r in rows}
     second = load_labels(DATA / "labels_second.jsonl", need_text=False)
     assert len(second) >= 200 and all(s["id"] in first for s in second)
@@ -87,14 +85,10 @@ def test_validation_figures_are_recomputed_from_the_committed_labels(rows, valid
             for q, a in by_q.items():
                 got = figs[name][part][q]
                 assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (a["tp"], a["fp"], a["tn"], a["fn"]), (name, part, q)
-    if (DATA / "labels_second.jsonl").is_file():
-        ceiling = validate.labellers(rows, load_labels(DATA / "labels_second.jsonl", need_text=False), n_boot=0)
-        for q in ("harmful", "refusal"):
-            assert ceiling[q]["kappa"] == pytest.approx(committed["labellers"][q]["kappa"])
-    else:
-        assert committed["labellers"] is None
+    ceiling = validate.labellers(rows, load_labels(DATA / "labels_second.jsonl", need_text=False), n_boot=0)
     retest = validate.labellers(rows, validate.read_first_pass(DATA / "labels_first_pass.jsonl"), n_boot=0)
     for q in ("harmful", "refusal"):
+        assert ceiling[q]["kappa"] == pytest.approx(committed["labellers"][q]["kappa"])
         assert retest[q]["kappa"] == pytest.approx(committed["test_retest"][q]["kappa"])
 
 

@@ -93,6 +93,16 @@ def load_labels(path: str | Path, data=None, need_text: bool = True) -> list[dic
     return rows
 
 
+SPLIT_SOURCES = ("beavertails", "builtin")  # sources named SET-SPLIT: beavertails-eval, builtin-calibration
+
+
+def source_set(source: str) -> str:
+    """The prompt set a labelled pair's source is drawn from: `beavertails-eval` and
+    `beavertails-calibration` are two splits of `beavertails`; any other source is its own set."""
+    origin, _, split = source.partition("-")
+    return origin if origin in SPLIT_SOURCES and split else source
+
+
 def fold_of(prompt: str, folds: int) -> int:
     return zlib.crc32(prompt.strip().lower().encode("utf-8")) % folds
 
