@@ -30,14 +30,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_alignment
+import bench_dtype
 import bench_eval
 import bench_lisa
 import bench_post
 
 from ftsafety.defenses.rollback import RollbackConfig
-from ftsafety.utils import atomic_write_text, write_json
+from ftsafety.utils import BF16_CPU_FLAGS, atomic_write_text, cpu_flags, write_json
 
-PARTS = ("align", "lisa", "eval", "post")
+PARTS = ("align", "lisa", "eval", "post", "dtype")
 
 # key: (what, op, target, part); the issue's targets for the embedded model on this machine
 TARGETS = {
@@ -50,6 +51,10 @@ TARGETS = {
     # the evaluator's HS setting)
     "eval_x_generate": ("Generation speed, our loop / batched model.generate (batch 128, 128 new tokens)", ">=",
                         1.3, "eval"),
+    # issue #29: on a CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated and the verdict says so)
+    **{f"bf16_{m}_step_x_fp32": (f"{m.capitalize() if m != 'sft' else 'SFT'} LoRA step speed, bf16 autocast / fp32",
+                                 ">=", 1.8, "dtype") for m in bench_dtype.METHODS},
+    "bf16_generate_x_fp32": ("Generation speed, bf16 autocast / fp32 (our loop)", ">=", 1.8, "dtype"),
 }
 
 FULL = {
@@ -61,6 +66,9 @@ FULL = {
     "eval": {"n": 128, "max_new_tokens": (32, 128), "batch_sizes": (16, 64, 128)},
     "post": {"ft_n": 1000, "ft_epochs": 1.0, "batch_size": 8, "calibration_n": 500, "val_n": 100,
              "fa_max_new_tokens": 16, "rollback": {}},
+    # the issue's step shape (batch 8 x 128 tokens) and a 64 x 32-token generation
+    "dtype": {"batch_size": 8, "max_length": 128, "steps": 4, "warmup": 1, "gen_n": 64, "gen_max_new": 32,
+              "gen_batch": 32},
 }
 QUICK = {
     "align": {"batch_size": 4, "max_length": 64, "steps": 2, "warmup": 1, "methods": ("sft", "vaccine", "booster")},
@@ -69,6 +77,8 @@ QUICK = {
     "post": {"ft_n": 16, "ft_epochs": 1.0, "batch_size": 4, "align_steps": 1, "calibration_n": 8, "val_n": 8,
              "fa_max_new_tokens": 4,
              "rollback": {"steps": 2, "warmup_steps": 1, "save_every": 1, "recovery_n": 8, "batch_size": 4}},
+    "dtype": {"batch_size": 2, "max_length": 32, "steps": 1, "warmup": 1, "gen_n": 4, "gen_max_new": 4,
+              "gen_batch": 4},
 }
 
 
@@ -92,6 +102,7 @@ def machine() -> dict:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "bf16_flags": sorted(cpu_flags() & set(BF16_CPU_FLAGS)),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -135,6 +146,18 @@ def _scored_note(method: str, a: dict) -> str:
 
 def _why(key: str, value: float, target: float, parts: dict) -> str:
     """Why a target was missed, from this run's own measurements."""
+    if key.startswith("bf16_"):
+        d = parts["dtype"]
+        cpu, gemm = d["cpu"], d.get("gemm") or {}
+        rate = (f" In the same run a {'x'.join(map(str, gemm['shape']))} GEMM ran at {gemm['gflops']['fp32']} GFLOP/s "
+                f"in fp32 and {gemm['gflops']['bf16']} in bf16 ({gemm['bf16_x_fp32']}x).") if gemm else ""
+        if d["device"].startswith("cpu") and not cpu["bf16_flags"]:
+            return (f"This CPU has no AVX512-BF16 or AMX ({cpu['torch_cpu_capability']}): torch emulates bf16 "
+                    f"arithmetic, so bf16 is slower, not faster, and `--dtype auto` runs fp32 here ({cpu['auto_why']})."
+                    f"{rate} The target is for CPUs with bf16 instructions; it is not tested on this machine.")
+        return (f"bf16 instructions present ({', '.join(cpu['bf16_flags']) or d['device']}), yet the measured speed-up "
+                f"is {value:.2f}x.{rate} Parts of the step that stay fp32 (optimizer, LoRA's small matmuls, "
+                f"norms, the loss) bound the gain.")
     if key in ("vaccine_step_x_sft", "booster_step_x_sft"):
         a = parts["align"]
         m = key.split("_")[0]
@@ -250,6 +273,13 @@ def ratios(parts: dict) -> dict:
         vals["eval_x_generate"] = _eval_row(e)["ours_x_generate"]
         for key, ratio in e["ours_x_generate"].items():
             info[f"eval_ours_x_generate_{key}"] = ratio
+    if "dtype" in parts:
+        d = parts["dtype"]
+        for m, r in d["step"].items():
+            vals[f"bf16_{m}_step_x_fp32"] = r["bf16_x_fp32"]
+        vals["bf16_generate_x_fp32"] = d["generate"]["bf16_x_fp32"]
+        if d.get("gemm"):
+            info["bf16_gemm_x_fp32"] = d["gemm"]["bf16_x_fp32"]
     if "post" in parts:
         p = parts["post"]
         vals["antidote_calibration_x_finetune"] = p["antidote_calibration_over_finetune"]
@@ -302,6 +332,14 @@ HOW = {
         "Antidote (ratio: its calibration forward pass) and rollback recovery (ratio: its steps + task checks, "
         "without loading/saving models) on that fine-tune; the whole commands are given beside them."
     ),
+    "dtype": (
+        "**bf16 against fp32** (`scripts/bench_dtype.py`): the processor's bf16 flags and a GEMM at the LoRA "
+        "step's MLP shape in both; then two copies of the model (fresh LoRA, same seed), one fp32 and one with "
+        "the bf16 autocast wrap `--dtype bf16` trains under (fp32 weights and AdamW state), each step of SFT, "
+        "Vaccine, Booster and Lisa timed on the same batch in both, the order flipped every round; then our "
+        "generation loop on the same BeaverTails prompts in both. Ratio = fp32 seconds over bf16 seconds "
+        "(> 1: bf16 is faster)."
+    ),
 }
 
 
@@ -319,7 +357,8 @@ def markdown(report: dict) -> str:
         "# Benchmark: the defenses' cost and evaluation speed",
         "",
         f"- date: {report['date']}",
-        (f"- machine: {m['cpu']}, {m['cpus_usable']} usable of {m['cpu_count']} CPUs, torch threads "
+        (f"- machine: {m['cpu']} (bf16 instructions: {', '.join(m.get('bf16_flags') or []) or 'none'}), "
+         f"{m['cpus_usable']} usable of {m['cpu_count']} CPUs, torch threads "
          f"{m['torch_threads']}, CUDA: {m['cuda'] or 'none'}; load average at the start "
          f"{m.get('load_average', '-')}, at the end {report.get('load_average_end', '-')}"),
         f"- software: Python {m['python']}, torch {m['torch']}, transformers {m.get('transformers', '-')}",
@@ -372,6 +411,19 @@ def markdown(report: dict) -> str:
             + "; ".join(f"{r['max_new_tokens']} new tokens, batch {r['batch_size']}: model.generate "
                         f"{r['generate_seconds']:.1f} s, ours {r['ours_seconds']:.1f} s ({r['ours_x_generate']:.2f}x), "
                         f"identical outputs {r['identical']}" for r in e["rows"])
+        )
+    if "dtype" in parts:
+        d = parts["dtype"]
+        g, gm = d["generate"], d.get("gemm")
+        lines.append(
+            f"- dtype: bf16 flags {', '.join(d['cpu']['bf16_flags']) or 'none'} ({d['cpu']['torch_cpu_capability']}); "
+            f"`--dtype auto` picks {d['cpu']['auto_picks']}; "
+            + (f"GEMM {'x'.join(map(str, gm['shape']))} fp32 {gm['gflops']['fp32']} / bf16 {gm['gflops']['bf16']} "
+               f"GFLOP/s; " if gm else "")
+            + f"batch {d['batch_shape'][0]} x {d['batch_shape'][1]} tokens, median s/step fp32 / bf16: "
+            + ", ".join(f"{m} {r['s_per_step']['fp32']:.3f} / {r['s_per_step']['bf16']:.3f}" for m, r in d["step"].items())
+            + f"; generation {g['prompts']} prompts x {g['max_new_tokens']} new tokens: fp32 {g['seconds']['fp32']:.1f} s,"
+            f" bf16 {g['seconds']['bf16']:.1f} s, identical answers {g['identical']}"
         )
     if "post" in parts:
         p = parts["post"]
@@ -427,6 +479,10 @@ def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads
         c = cfg["eval"]
         res["eval"] = bench_eval.run(model, data, c["n"], c["max_new_tokens"], c["batch_sizes"], device=device,
                                      threads=threads)
+    if "dtype" in parts:
+        c = cfg["dtype"]
+        res["dtype"] = bench_dtype.run(model, data, c["batch_size"], c["max_length"], c["steps"], c["warmup"],
+                                       c["gen_n"], c["gen_max_new"], c["gen_batch"], device=device, threads=threads)
     if "post" in parts:
         c = cfg["post"]
         res["post"] = bench_post.run(model, data, c["ft_n"], c["ft_epochs"], c["batch_size"],

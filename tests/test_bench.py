@@ -56,6 +56,11 @@ def test_quick_bench_writes_every_ratio(bench, tmp_path, capsys, monkeypatch):
         done, total = row["identical"].split("/")
         assert done == total and row["ours_engine"] == "ftsafety"
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left
+    # bf16 against fp32 (issue #29): the processor's bf16 flags, what auto picks, and the GEMM rates, same run
+    d = saved["parts"]["dtype"]
+    assert d["cpu"]["auto_picks"] in ("fp32", "bf16") and f"`--dtype auto` picks {d['cpu']['auto_picks']}" in md
+    assert d["gemm"]["gflops"]["fp32"] > 0 and d["gemm"]["gflops"]["bf16"] > 0 and "bf16 instructions:" in md
+    assert set(d["step"]) == {"sft", "vaccine", "booster", "lisa"}
 
     # every miss gets its reason, from this run's own figures
     unreachable = {k: (w, op, 1e-6 if op == "<=" else 1e6, part) for k, (w, op, _t, part) in bench.TARGETS.items()}

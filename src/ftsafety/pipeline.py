@@ -95,6 +95,7 @@ class Recipe:
     template: str = "alpaca"
     max_length: int = 256
     device: str = "auto"
+    dtype: str = "auto"  # auto | fp32 | bf16 (stages.Common.dtype)
     seed: int = 42
     trust_remote_code: bool = False
     # the stage classes are looked up when used: they are rebuilt when a defense is registered
@@ -107,12 +108,16 @@ class Recipe:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise FtsafetyError(f"recipe name {self.name!r} must be letters, digits, '-', '_' or '.'")
+        from ftsafety.utils import DTYPES
+
+        if str(self.dtype).lower() not in DTYPES:
+            raise FtsafetyError(f"dtype: unknown value {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.post.method != "none" and self.finetune.method == "none":
             raise FtsafetyError("a post-fine-tuning defense needs a fine-tune stage (finetune.method is none)")
 
     def common(self, quiet: bool = False) -> S.Common:
         return S.Common(data=DataConfig(data=self.data, template=self.template, max_length=self.max_length),
-                        device=self.device, seed=self.seed, trust_remote_code=self.trust_remote_code, quiet=quiet)
+                        device=self.device, dtype=self.dtype, seed=self.seed, trust_remote_code=self.trust_remote_code, quiet=quiet)
 
 
 @dataclass
@@ -201,10 +206,23 @@ def _data_key(recipe: Recipe) -> dict:
     return {"data": d, "template": recipe.template, "max_length": recipe.max_length}
 
 
+def _precision_key(recipe: Recipe) -> dict:
+    """The arithmetic that will run, in the stage keys only where it is not what ran before --dtype existed
+    (fp32 on CPU, bf16 on CUDA): the cached stages of those runs keep their keys, and a bf16 run on CPU (or
+    an fp32 one on CUDA) gets stages of its own."""
+    from ftsafety.utils import resolve_device, resolve_precision
+
+    try:
+        prec = resolve_precision(recipe.dtype, resolve_device(recipe.device))
+    except FtsafetyError:  # a device this machine lacks (a dry run of a GPU recipe): the asked dtype stands
+        return {} if recipe.dtype == "auto" else {"dtype": recipe.dtype}
+    return {} if prec.legacy else {"dtype": prec.ran}
+
+
 def plan(pipe: Pipeline, runs_dir: Path) -> list[StagePlan]:
     """The stages of one pipeline, each with its cache key and directory."""
     r = pipe.recipe
-    common = {"version": __version__.split("+")[0], "data": _data_key(r), "seed": r.seed}
+    common = {"version": __version__.split("+")[0], "data": _data_key(r), "seed": r.seed, **_precision_key(r)}
     stages_dir = runs_dir / "stages"
     out: list[StagePlan] = []
     parent, parent_key, aligned = r.model, _hash({"model": r.model}), r.model

@@ -149,7 +149,9 @@ class Common:
     """What every stage shares: data, device, seed and the trust flag."""
 
     data: DataConfig = knob(factory=DataConfig)
-    device: str = knob("auto", "auto | cpu | cuda | cuda:N (fp32 on CPU, bf16 on CUDA).")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N.")
+    dtype: str = knob("auto", "auto | fp32 | bf16. auto: bf16 where the device multiplies it fast (CUDA with bf16, a "
+                              "CPU with AVX512-BF16 or AMX), else fp32. bf16 on CPU is autocast (fp32 weights).")
     seed: int = knob(42, "Random seed.")
     trust_remote_code: bool = knob(False, "Run code shipped with a hub model (off by default).",
                                    flags=("--trust-remote-code",))
@@ -158,6 +160,10 @@ class Common:
     def __post_init__(self):
         if not 0 <= self.seed < 2**32:
             raise FtsafetyError(f"seed must be in [0, 2**32), got {self.seed}")
+        from ftsafety.utils import DTYPES
+
+        if str(self.dtype).lower() not in DTYPES:
+            raise FtsafetyError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
 def _train(setup: TrainerSetup | None, **kw) -> dict:
@@ -186,7 +192,7 @@ def _training_stage(kind: str, st, parent: str, out, c: Common, resume: bool, ex
     setup = _setup(st, c)
     return _train(setup, stage=_name(kind, st.method), parent=parent, examples=examples(), out_dir=out,
                   data_cfg=c.data, train_cfg=dataclasses.replace(st.train, seed=c.seed), lora=st.lora,
-                  device=c.device, trust_remote_code=c.trust_remote_code, quiet=c.quiet, resume=resume,
+                  device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code, quiet=c.quiet, resume=resume,
                   extra_config=record, continue_adapter=getattr(st, "continue_adapter", False))
 
 
@@ -220,6 +226,7 @@ def post(st, model: str, aligned: str, task: str, out: str | Path, c: Common) ->
 def evaluate(st: EvalSettings, model: str, task: str, out: str | Path, c: Common) -> dict:
     from ftsafety.evaluation.evaluate import EvalConfig, evaluate as run_eval
 
-    cfg = EvalConfig(**dataclasses.asdict(st), model=model, data=c.data, task=task, device=c.device, seed=c.seed,
+    cfg = EvalConfig(**dataclasses.asdict(st), model=model, data=c.data, task=task, device=c.device, dtype=c.dtype,
+                     seed=c.seed,
                      trust_remote_code=c.trust_remote_code)
     return run_eval(cfg, out, quiet=c.quiet)

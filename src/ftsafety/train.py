@@ -28,7 +28,9 @@ from ftsafety.options import knob
 from ftsafety.rundir import write_run
 from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
+    Precision,
     locks_output,
+    resolve_precision,
     _json_default,
     atomic_write_text,
     check_not_input,
@@ -53,6 +55,8 @@ class TrainConfig:
     weight_decay: float = knob(0.1, "AdamW weight decay.")
     seed: int = knob(42, cli=False)  # the command's --seed
     logging_steps: int = knob(5, cli=False)
+    group_by_length: bool = knob(False, "Batches of examples of similar length (less padding; another example "
+                                        "order, so other numbers than without).", key_when_set=True)
     report_to: str = knob("none", "Trainer integrations to log to: none | tensorboard | wandb | ... (comma-separated; "
                                   "metrics.jsonl is always written). Logs go to the run directory's logs/.",
                           key_when_set=True)
@@ -132,7 +136,10 @@ def check_finite_weights(model, step: int | None = None) -> None:
             raise NaNLossError(f"the trained weights became nan/inf{at} ({name}); {DIVERGED_HINT}")
 
 
-def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, **overrides) -> TrainingArguments:
+def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, precision: Precision | None = None,
+                  **overrides) -> TrainingArguments:
+    """The Trainer's arguments for `cfg`; `precision` (default: the device's legacy one) sets bf16 autocast."""
+    bf16 = precision.ran == "bf16" if precision is not None else device.type == "cuda"
     kw = dict(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -152,13 +159,19 @@ def training_args(cfg: TrainConfig, device: torch.device, output_dir: str, **ove
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda",
+        bf16=bf16,
         logging_nan_inf_filter=False,
     )
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    if cfg.group_by_length:  # transformers >= 5 names the sampler; 4.x has a flag
+        if "train_sampling_strategy" in params:
+            kw["train_sampling_strategy"] = "group_by_length"
+        else:
+            kw["group_by_length"] = True
     if distributed.launched():  # every LoRA weight takes part in every forward: skip DDP's graph search
         kw["ddp_find_unused_parameters"] = False
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio)
-    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
+    if "warmup_ratio" in params:
         kw["warmup_ratio"] = cfg.warmup_ratio
     else:
         kw["warmup_steps"] = cfg.warmup_ratio
@@ -213,6 +226,7 @@ def train_lora(
     train_cfg: TrainConfig,
     lora: models.LoraSettings,
     device: str | None = "auto",
+    dtype: str | None = "auto",
     trainer_cls: type[Trainer] = FtTrainer,
     trainer_kwargs: dict | None = None,
     trainer_kwargs_fn=None,
@@ -266,13 +280,19 @@ def train_lora(
         owner = dataclasses.replace(spec, adapters=spec.adapters[:-1])
         lora = models.adapter_lora_settings(spec.adapters[-1])
     world = distributed.init(resolve_device(device)) if distributed.launched() else 1
+    precision = resolve_precision(dtype, resolve_device(device))
+    train_record = dataclasses.asdict(train_cfg)
+    if not train_cfg.group_by_length:  # the runs made before the knob keep their fingerprints
+        train_record.pop("group_by_length")
     config = {
         "stage": stage, "parent": parent, "parent_resolved": dataclasses.asdict(spec), "data": dataclasses.asdict(data_cfg),
-        "train": dataclasses.asdict(train_cfg), "lora": dataclasses.asdict(lora), "n_examples": len(examples),
+        "train": train_record, "lora": dataclasses.asdict(lora), "n_examples": len(examples),
         "kinds": _count_kinds(examples), **(extra_config or {}),
     }
     if continue_adapter:
         config["continue_adapter"] = True
+    if not precision.legacy:  # fp32 on CPU / bf16 on CUDA: the fingerprints of the runs made before --dtype
+        config["precision"] = precision.record()
     if world > 1:
         config["world_size"] = world
     fp_config = _fingerprint_config(config, examples, trainer_cls, trainer_kwargs)
@@ -292,7 +312,7 @@ def train_lora(
     try:  # a bad device, model or data set fails here: a fresh checkpoint directory is not left behind
         seed_everything(train_cfg.seed)
         dev = resolve_device(device)
-        model, tok, _ = models.load(owner, device=dev, trust_remote_code=trust_remote_code)
+        model, tok, _ = models.load(owner, device=dev, dtype=precision.weights, trust_remote_code=trust_remote_code)
         if continue_adapter:
             model = models.continue_lora(model, spec.adapters[-1])
         else:
@@ -324,7 +344,7 @@ def train_lora(
         if every and "save_safetensors" in inspect.signature(TrainingArguments.__init__).parameters:
             save["save_safetensors"] = True  # transformers 4.x; 5.x always writes safetensors
         trainer = trainer_cls(
-            model=model, args=training_args(train_cfg, dev, str(partial or scratch), **save), train_dataset=dataset,
+            model=model, args=training_args(train_cfg, dev, str(partial or scratch), precision, **save), train_dataset=dataset,
             data_collator=Collator(tok.pad_token_id), callbacks=[callback, _NaNGuard(), checkpointer], **kwargs,
         )
         checkpointer.trainer = trainer
@@ -360,7 +380,7 @@ def train_lora(
                     "stage": stage, "train_loss": train_loss, "steps": result.global_step,
                     "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps_now, 1), 4),
                     "n_examples": len(examples), "resumed_from_step": start_step or None,
-                    "fingerprint": fingerprint,
+                    "precision": precision.record(), "fingerprint": fingerprint,
                 })
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,6 +81,86 @@ def resolve_device(device: str | None) -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU, bf16 on CUDA (the papers train in bf16)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = ("auto", "fp32", "bf16")
+# CPU instructions that multiply bf16 natively; without them torch converts, and a bf16 GEMM is slower than fp32
+# (measured on an AVX2-only EPYC: ~60x slower, EXPERIMENTS.md 2026-12-04)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What arithmetic a run uses: `asked` (auto | fp32 | bf16), `ran` (fp32 | bf16) and why.
+
+    bf16 on CPU is autocast: weights, gradients and optimizer state stay fp32 and the matmuls run in bf16
+    (the Trainer's `bf16=True`, `torch.autocast` around generation). On CUDA bf16 is what it always was:
+    the weights are loaded in bf16 and the Trainer autocasts."""
+
+    asked: str
+    ran: str
+    why: str
+    device_type: str
+
+    @property
+    def weights(self) -> torch.dtype:
+        return torch.bfloat16 if self.ran == "bf16" and self.device_type == "cuda" else torch.float32
+
+    @property
+    def legacy(self) -> bool:
+        """True where this is what ftsafety ran before --dtype existed (fp32 on CPU and MPS, bf16 on CUDA):
+        stage cache keys and training fingerprints then stay those of the runs made before."""
+        return self.ran == ("bf16" if self.device_type == "cuda" else "fp32")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast where bf16 runs (generation, calibration passes); a no-op for fp32."""
+        if self.ran != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def record(self) -> dict:
+        return {"asked": self.asked, "ran": self.ran, "why": self.why}
+
+
+def resolve_precision(dtype: str | None, device: torch.device, flags: set[str] | None = None) -> Precision:
+    """`--dtype` on `device`: `auto` is bf16 where the device multiplies bf16 fast (CUDA with bf16; a CPU
+    with AVX512-BF16 or AMX), fp32 elsewhere. `flags`: the CPU's flags (read from the machine by default)."""
+    dtype = (dtype or "auto").lower()
+    if dtype not in DTYPES:
+        raise FtsafetyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    kind = device.type
+    if dtype == "fp32":
+        return Precision(dtype, "fp32", "asked for", kind)
+    if kind == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        if dtype == "bf16" and not ok:
+            raise FtsafetyError(f"--dtype bf16 asked for, but {torch.cuda.get_device_name(device)} has no bf16")
+        if dtype == "bf16":
+            return Precision(dtype, "bf16", "asked for", kind)
+        return Precision(dtype, "bf16" if ok else "fp32",
+                         "CUDA device with bf16" if ok else "CUDA device without bf16", kind)
+    if kind != "cpu":
+        if dtype == "bf16":
+            raise FtsafetyError(f"--dtype bf16 is supported on CPU and CUDA, not on {kind}; use fp32 or auto")
+        return Precision(dtype, "fp32", f"{kind}: fp32 only", kind)
+    if dtype == "bf16":
+        return Precision(dtype, "bf16", "asked for (CPU autocast)", kind)
+    have = sorted((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
+    if have:
+        return Precision(dtype, "bf16", f"CPU has {'+'.join(have)} (autocast)", kind)
+    return Precision(dtype, "fp32", "CPU without AVX512-BF16 or AMX (bf16 would be emulated, slower)", kind)
 
 
 def git_hash() -> str | None:

@@ -111,7 +111,8 @@ def _post_command(defense: Defense):
 
     # the defense's options first: a knob that shares a name with a common one (rollback's
     # max_length) sets both, with the defense's default
-    groups = [Group(defense.name, defense.config_cls), _common_group()]
+    # post stages run in fp32 (one-shot scores and rollback's gradients): no --dtype
+    groups = [Group(defense.name, defense.config_cls), _common_group(skip=("dtype",))]
     return command(body, groups, extra, f"{defense.summary} ({defense.paper.venue}, arXiv {defense.paper.arxiv})")
 
 
@@ -127,7 +128,8 @@ def _evaluate_command():
         _setup_logging(values)
         c = cfg["common"]
         ecfg = EvalConfig(**dataclasses.asdict(cfg["eval"]), model=values["model"], data=c.data,
-                          task=values["task"], device=c.device, seed=c.seed, trust_remote_code=c.trust_remote_code)
+                          task=values["task"], device=c.device, dtype=c.dtype, seed=c.seed,
+                          trust_remote_code=c.trust_remote_code)
         out = values["out"] or default_out("evaluate")
         run_eval(ecfg, out, quiet=c.quiet)
         typer.echo(f"results written to {out}/results.json")

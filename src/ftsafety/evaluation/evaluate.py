@@ -19,7 +19,7 @@ from ftsafety.evaluation.judges import check_judge_spec, get_judge, is_incoheren
 from ftsafety.evaluation.tasks import accuracy_by_label, is_correct
 from ftsafety.rundir import write_run
 from ftsafety.utils import (check_not_input, check_writable_dir, environment, locks_output, resolve_device,
-                            seed_everything, write_jsonl)
+                            resolve_precision, seed_everything, write_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class EvalConfig(EvalSettings):
     data: D.DataConfig = field(default_factory=D.DataConfig)
     task: str = "sst2"  # sst2 | ag_news | gsm8k | none
     device: str = "auto"
+    dtype: str = "auto"  # auto | fp32 | bf16: the generation's arithmetic (the judge runs in fp32)
     seed: int = 42
     trust_remote_code: bool = False  # a model aligned with --trust-remote-code is evaluated with it
 
@@ -110,6 +111,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
             check_not_input(out_dir, [cfg.model, spec.base, *spec.adapters])
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.dtype, dev)
     if distributed.launched():
         distributed.init(dev)
     main = distributed.is_main()
@@ -131,7 +133,8 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     t_start = time.perf_counter()
     in_memory = None
     if model is None:
-        model, tokenizer, _ = models.load(cfg.model, device=dev, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer, _ = models.load(cfg.model, device=dev, dtype=precision.weights,
+                                          trust_remote_code=cfg.trust_remote_code)
     else:  # what was scored is the model given, not cfg.model
         if tokenizer is None:
             raise FtsafetyError("evaluate(model=...) needs tokenizer=... (the model's own tokenizer)")
@@ -149,8 +152,9 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
         """Completions (and generated-token counts) of one part, batched and sharded like the others."""
         prompts = [D.format_prompt(e, cfg.data.template, tokenizer) for e in exs]
         prompts = _fit_context(model, tokenizer, prompts, max_new, what, flag)
-        return generate_with_counts(model, tokenizer, prompts, max_new, cfg.batch_size, prog, label, shard=True,
-                                    stats=gen_stats[part])
+        with precision.autocast():
+            return generate_with_counts(model, tokenizer, prompts, max_new, cfg.batch_size, prog, label, shard=True,
+                                        stats=gen_stats[part])
 
     with progress(disable=quiet) as prog:
         if hs_items:
@@ -186,6 +190,7 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path | None = None, model=None, tok
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     results["generated_tokens_hs"] = gen_tokens
     results["generation"] = _generation_record(gen_stats)
+    results["precision"] = precision.record()
     results["environment"] = environment()
 
     def write() -> dict:  # several processes: the main one writes, the others wait and get its results
