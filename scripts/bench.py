@@ -70,6 +70,10 @@ FULL = {
     "dtype": {"batch_size": 8, "max_length": 128, "steps": 4, "warmup": 1, "gen_n": 64, "gen_max_new": 32,
               "gen_batch": 32},
 }
+# a CPU without bf16 instructions emulates bf16 (a GEMM ~50x slower than fp32): the full shapes would take hours
+# there, and these smaller ones show the same ratio
+EMULATED_BF16 = {"batch_size": 2, "max_length": 64, "steps": 2, "warmup": 1, "gen_n": 16, "gen_max_new": 16,
+                 "gen_batch": 16}
 QUICK = {
     "align": {"batch_size": 4, "max_length": 64, "steps": 2, "warmup": 1, "methods": ("sft", "vaccine", "booster")},
     "lisa": {"batch_size": 4, "max_length": 64, "steps": 2, "warmup": 1},
@@ -481,6 +485,9 @@ def run(model: str = "smollm2-135m", data: str = "builtin", parts=PARTS, threads
                                      threads=threads)
     if "dtype" in parts:
         c = cfg["dtype"]
+        if not quick and torch.device(device if device != "auto" else "cpu").type == "cpu" and not torch.cuda.is_available() \
+                and not (cpu_flags() & set(BF16_CPU_FLAGS)):
+            c = report["settings"]["dtype"] = {**EMULATED_BF16, "why": "this CPU emulates bf16: smaller shapes"}
         res["dtype"] = bench_dtype.run(model, data, c["batch_size"], c["max_length"], c["steps"], c["warmup"],
                                        c["gen_n"], c["gen_max_new"], c["gen_batch"], device=device, threads=threads)
     if "post" in parts:

@@ -842,6 +842,15 @@ CASES.update({
         *ALIGN, "--out", str(i.root / ("b" * 248))], "at most 241 fit here"),
     "evaluate: an output name too long for its siblings": Case("evaluate", lambda i: [
         "--model", "tiny-opt", *EVAL, "--out", str(i.root / ("e" * 245))], "at most 241 fit here"),
+    # G08: one byte more than a file name holds fails any stat of the path; every writer checks the names first
+    "align: an output name longer than a file name": Case("align", lambda i: [
+        *ALIGN, "--out", str(i.root / ("c" * 256))], "is 256 bytes; a file name holds at most 255"),
+    "evaluate: an output folder name longer than a file name": Case("evaluate", lambda i: [
+        "--model", "tiny-opt", *EVAL, "--out", str(i.root / ("c" * 300) / "ev")], "is 300 bytes; a file name"),
+    "report: a report folder name longer than a file name": Case("report", lambda i: [
+        _records(i, lambda r, s: None), "--out", str(i.root / ("r" * 256))], "is 256 bytes; a file name"),
+    "run: a runs folder name longer than a file name": Case("run", lambda i: [
+        _recipe(i), "--runs", str(i.root / ("s" * 256)), "-q"], "runs folder"),
     "evaluate: an undecodable output path": Case("evaluate", lambda i: [
         "--model", "tiny-opt", *EVAL, "--out", str(i.root / _surrogate("évaluation"))], "is not valid text in this locale"),
     "finetune: an undecodable model path": Case("finetune", lambda i: [

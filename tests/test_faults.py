@@ -84,6 +84,21 @@ def test_a_report_interrupted_while_writing_leaves_the_old_one_whole(tmp_path, c
     assert {n: (out / n).read_bytes() for n in before} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
 
+    # a writer killed outright (SIGKILL: no cleanup runs) leaves its staging folder; the next report removes it
+    stale = out / ".report-killed"
+    stale.mkdir()
+    (stale / "table.md").write_text("half a table")
+    monkeypatch.undo()
+    report.write_report(runs, out, command="ftsafety report (after)")
+    assert not stale.exists() and (out / "table.md").read_text() != "half a table"
+
+    # a stray JSON file among the records is skipped, with a warning (audit E17)
+    rec_dir = next(p for p in (runs / "pipelines").iterdir() if p.is_dir())
+    (rec_dir / "notes.json").write_text('{"mine": 1}')
+    r = cli("report", str(runs), "--out", str(tmp_path / "res2"))
+    said = " ".join(r.stderr.split())  # the log wraps long lines
+    assert r.returncode == 0 and "notes.json" in said and "not a pipeline record" in said, r.stderr
+
 
 def test_report_escapes_markdown_in_names(tmp_path, cli):
     recipe = tmp_path / "r.yaml"

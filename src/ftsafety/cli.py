@@ -122,6 +122,9 @@ def _os_problem(exc: BaseException) -> str | None:
             return f"{_DISK_ERRORS[exc.errno]}{where}: free space or fix the permissions, then {_RERUN}"
         if "No space left on device" in str(exc) or "file write failed" in str(exc):
             return f"no space left on the device: free space, then {_RERUN}"
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            name = os.fspath(exc.filename)[:60] if getattr(exc, "filename", None) else "a path"
+            return f"file name too long: {name}... (a name holds at most 255 bytes); choose a shorter one"
         exc = exc.__cause__ or exc.__context__
     return None
 

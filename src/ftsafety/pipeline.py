@@ -35,6 +35,7 @@ from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
 from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
 from ftsafety.errors import FtsafetyError
+from ftsafety.utils import OutputLocked
 from ftsafety.options import config_key
 from ftsafety.utils import atomic_write_text, run_kind, run_lock, write_json
 
@@ -508,6 +509,9 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
     order = list(dict.fromkeys(p.row for p in pipes))  # the recipe's row order, whichever rows --only runs
     pipes = select(pipes, only, path)
     runs_dir = Path(runs_dir)
+    from ftsafety.utils import check_name_lengths
+
+    check_name_lengths(runs_dir, "runs folder")
     check_data(pipes)
     _warn_unaligned_reference(pipes)
     plans = [plan(p, runs_dir) for p in pipes]
@@ -529,6 +533,9 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
                 echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}){how} -> {s.dir}")
                 try:
                     seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
+                except OutputLocked as exc:  # a live process on the same stage: nothing to delete or redo
+                    raise FtsafetyError(str(exc).replace("or choose another output", "or give this run another --runs "
+                                                         "folder")) from exc
                 except FtsafetyError as exc:
                     raise FtsafetyError(_cached_stage_hint(str(exc), runs_dir)) from exc
             stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,

@@ -24,7 +24,7 @@ from ftsafety.errors import FtsafetyError
 from ftsafety.evaluation.judges import judge_record
 from ftsafety.evaluation.stats import two_proportion_p, wilson
 from ftsafety.pipeline import RESULT_KEYS
-from ftsafety.utils import atomic_write_text, run_lock, write_json
+from ftsafety.utils import atomic_write_text, check_name_lengths, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_records(runs_dir: str | Path, recipe: str | None = None, judge=None, ec
     for path in sorted((root / recipe).glob("*.json")):
         rec = read_json_object(path, "pipeline record")
         if "stages" not in rec and "recipe" not in rec:
-            log.info("%s: not a pipeline record (no recipe, no stages); skipped", path)
+            log.warning("%s: not a pipeline record (no recipe, no stages); skipped", path)
             continue
         check_record(path, rec)
         ev = Path(rec["stages"][-1]["dir"])
@@ -380,6 +380,9 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None =
     }
     with run_lock(out_dir):
         out = check_report_dir(out_dir)
+        for stale in out.glob(".report-*"):  # a writer killed (SIGKILL, SIGTERM) mid-way; the lock says none is live
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
         try:  # every file is made first, then all are moved into place together
             atomic_write_text(staging / "table.md", markdown(table, meta))
@@ -409,6 +412,7 @@ def check_report_dir(out_dir: str | Path) -> Path:
     table.md / table.csv / table.json / hs_fa.png that no earlier report wrote (a user's own files are
     never replaced; other files in the folder are left alone)."""
     out = Path(out_dir)
+    check_name_lengths(out, "report folder")
     if out.exists() and not out.is_dir():
         raise FtsafetyError(f"report folder {out} exists and is not a directory (choose another --out)")
     present = [n for n in REPORT_FILES if (out / n).exists()]

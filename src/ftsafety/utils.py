@@ -413,6 +413,24 @@ def check_path_text(path: str | os.PathLike, what: str = "path") -> None:
                             "UTF-8 locale (e.g. LC_ALL=C.UTF-8) or use an ASCII name") from None
 
 
+class OutputLocked(FtsafetyError):
+    """Another live process holds the output's lock (`run_lock`)."""
+
+
+def check_name_lengths(path: str | os.PathLike, what: str = "output path") -> None:
+    """Every component of `path` must fit a file name (NAME_MAX bytes, 255 on the usual file systems): a
+    longer one makes any stat of the path fail with ENAMETOOLONG before the real checks can say why."""
+    try:
+        name_max = os.pathconf(".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise FtsafetyError(f"{what} {os.fspath(path)[:40]}...: the name {part[:40]}... is {size} bytes; a file "
+                                f"name holds at most {name_max} here")
+
+
 def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path:
     """Fail early, in one line, when an output directory cannot be written (or must not be replaced).
 
@@ -428,6 +446,7 @@ def check_writable_dir(path: str | os.PathLike, kind: str | None = None) -> Path
     if not str(path).strip():
         raise FtsafetyError("--out is empty; give the run directory to write")
     check_path_text(path)
+    check_name_lengths(path)
     if path.is_symlink():
         target = Path(os.path.realpath(path))
         if not target.parent.is_dir():
@@ -489,6 +508,7 @@ def run_lock(path: str | os.PathLike) -> Iterator[None]:
     import fcntl
 
     final = Path(os.path.abspath(path))
+    check_name_lengths(path)
     key = str(final)
     if os.environ.get("RANK", "0") != "0" or not final.parent.is_dir():
         yield
@@ -512,8 +532,8 @@ def run_lock(path: str | os.PathLike) -> Iterator[None]:
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
-        raise FtsafetyError(f"another ftsafety process (pid {holder}) is writing {final}; wait for it to finish, "
-                            "or choose another output") from None
+        raise OutputLocked(f"another ftsafety process (pid {holder}) is writing {final}; wait for it to finish, "
+                           "or choose another output") from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
