@@ -424,7 +424,9 @@ def markdown(report: dict) -> str:
             f"`--dtype auto` picks {d['cpu']['auto_picks']}; "
             + (f"GEMM {'x'.join(map(str, gm['shape']))} fp32 {gm['gflops']['fp32']} / bf16 {gm['gflops']['bf16']} "
                f"GFLOP/s; " if gm else "")
-            + f"batch {d['batch_shape'][0]} x {d['batch_shape'][1]} tokens, median s/step fp32 / bf16: "
+            + f"{d['threads']} torch thread(s), batch {d['batch_shape'][0]} x {d['batch_shape'][1]} tokens"
+            + (f" ({report['settings']['dtype']['why']})" if (report.get("settings") or {}).get("dtype", {}).get("why") else "")
+            + ", median s/step fp32 / bf16: "
             + ", ".join(f"{m} {r['s_per_step']['fp32']:.3f} / {r['s_per_step']['bf16']:.3f}" for m, r in d["step"].items())
             + f"; generation {g['prompts']} prompts x {g['max_new_tokens']} new tokens: fp32 {g['seconds']['fp32']:.1f} s,"
             f" bf16 {g['seconds']['bf16']:.1f} s, identical answers {g['identical']}"
