@@ -34,6 +34,7 @@ from ftsafety import stages as S
 from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
 from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
+from ftsafety.attack_search import SearchConfig
 from ftsafety.errors import FtsafetyError
 from ftsafety.utils import OutputLocked
 from ftsafety.options import config_key
@@ -105,6 +106,7 @@ class Recipe:
     post: S.PostStage = field(default_factory=lambda: S.PostStage())
     evaluate: S.EvalStage = field(default_factory=lambda: S.EvalStage())
     table: Table | None = None
+    attack_search: SearchConfig | None = None  # `ftsafety attack-search`'s defaults for this recipe
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -166,11 +168,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
 
 
 def pipelines(path: str | Path, overrides: list[str] | None = None,
-              trust_remote_code: bool = False) -> tuple[Recipe, list[Pipeline]]:
-    """Every pipeline a recipe describes (one per table row and p, or just one), each validated."""
+              trust_remote_code: bool = False, after: dict[str, Any] | None = None) -> tuple[Recipe, list[Pipeline]]:
+    """Every pipeline a recipe describes (one per table row and p, or just one), each validated. `after`:
+    dotted keys set on every pipeline after its row's settings and p (an attack's knobs; a harmful ratio
+    there replaces the column's p)."""
     recipe, raw = load_recipe(path, overrides, trust_remote_code)
     if recipe.table is None:
-        return recipe, [Pipeline(recipe, recipe.name, recipe.finetune.harmful_ratio)]
+        if not after:
+            return recipe, [Pipeline(recipe, recipe.name, recipe.finetune.harmful_ratio)]
+        data = copy.deepcopy(raw)
+        for key, value in after.items():
+            set_dotted(data, key, value)
+        r = build(Recipe, data, source=str(path))
+        return recipe, [Pipeline(r, recipe.name, r.finetune.harmful_ratio)]
     base = {k: v for k, v in raw.items() if k != "table"}
     out = []
     for row in recipe.table.rows:
@@ -179,9 +189,12 @@ def pipelines(path: str | Path, overrides: list[str] | None = None,
             for key, value in row.set.items():
                 set_dotted(data, key, value)
             set_dotted(data, "finetune.harmful_ratio", p)
+            for key, value in (after or {}).items():
+                set_dotted(data, key, value)
             r = build(Recipe, data, source=f"{path} (row {row.name!r}, p={p:g})")
             pk = f"{p:g}"
-            out.append(Pipeline(r, row.name, p, _paper(row.paper_hs, pk), _paper(row.paper_fa, pk), row.paper_note))
+            out.append(Pipeline(r, row.name, r.finetune.harmful_ratio, _paper(row.paper_hs, pk),
+                                _paper(row.paper_fa, pk), row.paper_note))
     return recipe, out
 
 
@@ -502,6 +515,34 @@ def _warn_if_replacing(path: Path, rec: dict) -> None:
                     rec["recipe"])
 
 
+def run_pipeline(pipe: Pipeline, steps: list[StagePlan], runs_dir: Path, quiet: bool = False, echo=print,
+                 counter: list[int] | None = None) -> tuple[list[dict], dict]:
+    """Run one pipeline's stages that are not finished yet (the others are reused); returns each stage's row
+    (kind, method, dir, key, cached, seconds) and the evaluation's results. `counter` = [stages run so far,
+    stages to run] numbers the progress lines across pipelines."""
+    counter = counter if counter is not None else [0, sum(1 for s in steps if not s.done)]
+    stage_rows = []
+    for s in steps:
+        cached = s.done
+        if cached:
+            seconds = json.loads((s.dir / STAGE_MARKER).read_text()).get("seconds")
+        else:
+            counter[0] += 1
+            source = rejudge_source(s)
+            how = f" re-judging {source.name}" if source else ""
+            echo(f"[{counter[0]}/{counter[1]}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}){how} -> {s.dir}")
+            try:
+                seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
+            except OutputLocked as exc:  # a live process on the same stage: nothing to delete or redo
+                raise FtsafetyError(str(exc).replace("or choose another output", "or give this run another --runs "
+                                                     "folder")) from exc
+            except FtsafetyError as exc:
+                raise FtsafetyError(_cached_stage_hint(str(exc), runs_dir)) from exc
+        stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
+                           "cached": cached, "seconds": seconds})
+    return stage_rows, json.loads((steps[-1].dir / "results.json").read_text())
+
+
 def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path, quiet: bool = False,
             only: list[str] | None = None, echo=print, trust_remote_code: bool = False) -> tuple[Recipe, list[dict]]:
     """Run every pipeline of a recipe (reusing finished stages); write one record per pipeline."""
@@ -520,27 +561,9 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
     echo(f"{recipe.name}: {len(pipes)} pipelines, {len(distinct)} distinct stages, {total} to run")
     records = []
     t_start = time.perf_counter()
+    counter = [0, total]
     for pipe, steps in zip(pipes, plans):
-        stage_rows = []
-        for s in steps:
-            cached = s.done
-            if cached:
-                seconds = json.loads((s.dir / STAGE_MARKER).read_text()).get("seconds")
-            else:
-                n += 1
-                source = rejudge_source(s)
-                how = f" re-judging {source.name}" if source else ""
-                echo(f"[{n}/{total}] {pipe.row} p={pipe.p:g}: {s.kind} ({s.method}){how} -> {s.dir}")
-                try:
-                    seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
-                except OutputLocked as exc:  # a live process on the same stage: nothing to delete or redo
-                    raise FtsafetyError(str(exc).replace("or choose another output", "or give this run another --runs "
-                                                         "folder")) from exc
-                except FtsafetyError as exc:
-                    raise FtsafetyError(_cached_stage_hint(str(exc), runs_dir)) from exc
-            stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
-                               "cached": cached, "seconds": seconds})
-        results = json.loads((steps[-1].dir / "results.json").read_text())
+        stage_rows, results = run_pipeline(pipe, steps, runs_dir, quiet, echo, counter)
         rec = {
             "recipe": recipe.name, "row": pipe.row, "p": pipe.p, "model": pipe.recipe.model,
             "data": pipe.recipe.data, "task": pipe.recipe.finetune.task, "judge": results.get("judge", {}),
@@ -555,6 +578,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
         _warn_if_replacing(out, rec)
         write_json(out, rec)
         records.append(rec)
+    n = counter[0]
     echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({n} stages run, "
          f"{len(distinct) - total} reused)")
     atomic_write_text(runs_dir / "pipelines" / recipe.name / "recipe.yaml",

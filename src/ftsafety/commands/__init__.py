@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # One entry per command module (explicit and greppable; add a line when a module is added).
-COMMAND_MODULES: tuple[str, ...] = ("stage", "pipeline", "judge", "analysis")
+COMMAND_MODULES: tuple[str, ...] = ("stage", "pipeline", "judge", "analysis", "attack")
 
 
 def register_all(app) -> None:
