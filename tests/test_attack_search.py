@@ -100,6 +100,18 @@ def test_a_seeded_study_is_deterministic_and_resumes_after_sigkill_to_the_same_t
     assert sorted(t["number"] for t in _trials(runs)) == [0, 1, 2]
 
 
+def test_the_report_gains_a_worst_case_column(recipe, tmp_path, cli):
+    runs = tmp_path / "runs"
+    assert cli("run", str(recipe), "--runs", str(runs), "-q").returncode == 0
+    assert cli("attack-search", str(recipe), "--runs", str(runs), "-q", "--trials", "2").returncode == 0
+    worst = json.loads((runs / "attack-search" / "as-test-mix.json").read_text())["worst_case"]
+    r = cli("report", str(runs), "--out", str(tmp_path / "res"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "res" / "table.md").read_text()
+    assert "HS worst case" in md and f"{worst['hs']:.1f} [" in md and "(mix, 2 trials:" in md
+    assert "hs_worst_case" in (tmp_path / "res" / "table.csv").read_text().splitlines()[0]
+
+
 def test_two_processes_share_one_study_and_run_distinct_trials(recipe, tmp_path):
     runs = tmp_path / "shared"
     args = (recipe, "--runs", runs, "--trials", "4")

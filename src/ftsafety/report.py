@@ -265,7 +265,9 @@ def _cell(row: dict, m: str, p: str) -> str:
 def markdown(table: dict, meta: dict) -> str:
     ps = table["ratios"]
     shown = [m for m in METRICS if any(r[m].get(p) is not None for r in table["rows"] for p in ps)]
-    head = ["Method"] + [h for m in shown for h in [f"{m.upper()} p={p}" for p in ps] + [f"{m.upper()} avg"]]
+    worst = any(r.get("worst_case") for r in table["rows"])
+    head = ["Method"] + [h for m in shown for h in [f"{m.upper()} p={p}" for p in ps] + [f"{m.upper()} avg"]
+                         + (["HS worst case"] if m == "hs" and worst else [])]
     lines = [f"# {meta['title']}", "",
              f"{meta['date']} · {meta['machine']} · model `{meta['model']}` · data `{meta['data']}` · "
              f"task {meta['task']} · judge `{meta['judge']}`", "",
@@ -280,6 +282,8 @@ def markdown(table: dict, meta: dict) -> str:
                 ours, paper = _cell(row, m, p), row[f"paper_{m}"].get(p)
                 cells.append(ours if paper is None else f"{ours} ({paper:.1f})")
             cells.append(_fmt(row[f"{m}_avg"]))
+            if m == "hs" and worst:
+                cells.append(_worst_cell(row.get("worst_case")))
         lines.append("| " + " | ".join(cells) + " |")
     ns = sorted({", ".join(f"{m.upper()} n={r[f'{m}_n'].get(p)}" for m in shown) for r in table["rows"] for p in ps
                  if any(r[f"{m}_n"].get(p) for m in shown)})
@@ -295,6 +299,10 @@ def markdown(table: dict, meta: dict) -> str:
               "In brackets: the 95% Wilson interval of each rate"
               + (f" ({'; '.join(ns)})" if ns else "") + ". * : different from SFT at the same p "
               f"(two-sided two-proportion z-test, p < {ALPHA:g}); no star, no significant difference."]
+    if worst:
+        lines += ["", "HS worst case: the highest HS `ftsafety attack-search` found for the row among its trials "
+                  "whose FA stayed within the search's FA drop of the row's benign fine-tune (95% interval; the "
+                  "attack, the trial's knobs and the study's size beside it)."]
     if meta.get("paper_source"):
         lines += ["", f"In parentheses: the paper's figure — {meta['paper_source']}. "
                   "Our setting differs (model, data size, judge), so compare the direction of each change, "
@@ -310,12 +318,20 @@ def markdown(table: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _worst_cell(w: dict | None) -> str:
+    if not w:
+        return "–"
+    ci = f" [{w['hs_ci'][0]:.1f}, {w['hs_ci'][1]:.1f}]" if w.get("hs_ci") else ""
+    knobs = ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in w["params"].items())
+    return f"{w['hs']:.1f}{ci} ({w['attack']}, {w['trials']} trials: {_md(knobs)})"
+
+
 def to_csv(table: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["method", "p", *(f"{m}{suffix}" for m in METRICS
                                  for suffix in ("", "_n", "_ci_low", "_ci_high", "_p_vs_sft")),
-                "paper_hs", "paper_fa", "pipeline_seconds"])
+                "paper_hs", "paper_fa", "pipeline_seconds", "hs_worst_case", "hs_worst_case_attack"])
     for row in table["rows"]:
         for p in table["ratios"]:
             cells = [row["row"], p]
@@ -323,7 +339,9 @@ def to_csv(table: dict) -> str:
                 ci = row[f"{m}_ci"].get(p) or [None, None]
                 pv = row[f"{m}_p_vs_sft"].get(p)
                 cells += [row[m].get(p), row[f"{m}_n"].get(p), *ci, None if pv is None else round(pv, 4)]
-            w.writerow([*cells, row["paper_hs"].get(p), row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1)])
+            wc = row.get("worst_case") or {}
+            w.writerow([*cells, row["paper_hs"].get(p), row["paper_fa"].get(p), round(row["seconds"].get(p) or 0, 1),
+                        wc.get("hs"), wc.get("attack")])
     return buf.getvalue()
 
 
@@ -363,12 +381,36 @@ def plot(table: dict, path: Path, title: str) -> bool:
     return True
 
 
+def worst_cases(runs_dir: str | Path, recipe: str) -> dict[str, dict]:
+    """Row -> its worst case under `ftsafety attack-search` (the feasible trial of highest HS over every
+    attack searched for that row of `recipe`), from RUNS/attack-search/*.json; {} when none was run."""
+    out: dict[str, dict] = {}
+    for path in sorted((Path(runs_dir) / "attack-search").glob("*.json")):
+        try:
+            s = json.loads(path.read_text())
+            ident, worst = s["identity"], s.get("worst_case")
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: not an attack-search summary; skipped", path)
+            continue
+        if ident.get("recipe") != recipe or not worst:
+            continue
+        cell = {"hs": worst["hs"], "hs_n": worst.get("hs_n"), "hs_ci": worst.get("hs_ci"), "fa": worst.get("fa"),
+                "attack": ident["attack"], "params": worst["params"], "trial": worst["number"],
+                "trials": len(s.get("trials", [])), "feasible": s.get("feasible")}
+        if ident["row"] not in out or cell["hs"] > out[ident["row"]]["hs"]:
+            out[ident["row"]] = cell
+    return out
+
+
 def write_report(runs_dir: str | Path, out_dir: str | Path, recipe: str | None = None,
                  command: str = "", judge=None, echo=None) -> dict:
     """Write the table files of a recipe's runs to `out_dir`; with `judge` (a judge object), every
     evaluation re-judged by it from its cached answers."""
     name, records = load_records(runs_dir, recipe, judge, echo)
     table = build_table(records)
+    worst = {} if judge is not None else worst_cases(runs_dir, name)  # a search is scored by its own judge
+    for row in table["rows"]:
+        row["worst_case"] = worst.get(row["row"])
     first = records[0]
     env = first.get("environment_eval", {})
     meta = {
