@@ -48,7 +48,7 @@ def test_training_args_bf16_and_length_grouping():
     assert training_args(cfg, CPU, "/tmp/x", resolve_precision("bf16", CPU)).bf16
     assert not training_args(cfg, CPU, "/tmp/x", resolve_precision("fp32", CPU)).bf16
     grouped = training_args(dataclasses.replace(cfg, group_by_length=True), CPU, "/tmp/x")
-    assert getattr(grouped, "train_sampling_strategy", None) == "group_by_length" or getattr(grouped, "group_by_length")
+    assert getattr(grouped, "train_sampling_strategy", None) == "group_by_length" or grouped.group_by_length
 
 
 def _linear_dtypes(monkeypatch) -> list[torch.dtype]:

@@ -27,9 +27,10 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ftsafety.attacks import get as get_attack
 from ftsafety.errors import FtsafetyError

@@ -28,17 +28,15 @@ from typing import Any
 
 import yaml
 
-from ftsafety import __version__
-from ftsafety import prompt_sets
+from ftsafety import __version__, prompt_sets
 from ftsafety import stages as S
+from ftsafety.attack_search import SearchConfig
 from ftsafety.config import apply_overrides, build, load_yaml, set_dotted
 from ftsafety.data import DataConfig
 from ftsafety.defenses import DEFENSES
-from ftsafety.attack_search import SearchConfig
 from ftsafety.errors import FtsafetyError
-from ftsafety.utils import OutputLocked
 from ftsafety.options import config_key
-from ftsafety.utils import atomic_write_text, run_kind, run_lock, write_json
+from ftsafety.utils import OutputLocked, atomic_write_text, run_kind, run_lock, write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import tempfile
-import platform
 import time
 from pathlib import Path
 

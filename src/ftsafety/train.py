@@ -29,13 +29,13 @@ from ftsafety.rundir import write_run
 from ftsafety.trainer import FtTrainer
 from ftsafety.utils import (
     Precision,
-    locks_output,
-    resolve_precision,
     _json_default,
     atomic_write_text,
     check_not_input,
     check_writable_dir,
+    locks_output,
     resolve_device,
+    resolve_precision,
     scrub,
     seed_everything,
 )

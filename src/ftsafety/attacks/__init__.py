@@ -36,4 +36,4 @@ def get(name: str) -> Attack:
 for _m in MODULES:
     register(importlib.import_module(f"ftsafety.attacks.{_m}").ATTACK)
 
-__all__ = ["ATTACKS", "Attack", "KNOBS", "Knob", "get", "register"]
+__all__ = ["ATTACKS", "KNOBS", "Attack", "Knob", "get", "register"]
