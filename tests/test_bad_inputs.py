@@ -27,8 +27,8 @@ from typing import Callable
 import pytest
 
 COMMANDS = ("align", "align-vaccine", "align-booster", "finetune", "finetune-lisa", "prune-antidote",
-            "recover-rollback", "evaluate", "summary", "run", "report", "train-judge")
-NO_OUT = ("summary", "run")  # commands without --out (run gets --runs <tmp>/out instead)
+            "recover-rollback", "evaluate", "summary", "run", "report", "train-judge", "drift", "attack-search")
+NO_OUT = ("summary", "run", "attack-search")  # commands without --out (run gets --runs <tmp>/out instead)
 
 # Small settings so that a case that wrongly succeeds still costs seconds, not minutes.
 TRAIN = ("--max-steps", "1", "--batch-size", "2", "-q")
@@ -884,6 +884,26 @@ CASES.update({
         "--labels", i.file("l.jsonl", json.dumps({"id": "a", "split": "train", "source": "advbench", "row": 0,
                                                   "prompt_sha256": "0" * 64, "response": "r", "label": "refusal"}) + "\n"),
         "--base", "tiny-llama", "--data", i.dir("nodata")], "build advbench with scripts/build_prompt_sets.py"),
+    # -- drift and attack-search (issues 29, 30) ---------------------------------------------------
+    "drift: an unknown model": Case("drift", lambda i: ["tiny-llama", "nope", "--n", "2"], "unknown model 'nope'"),
+    "drift: n 0": Case("drift", ["tiny-llama", "tiny-llama", "--n", "0"], "n must be >= 1"),
+    "drift: two models of different architectures": Case("drift", ["tiny-llama", "tiny-opt", "--n", "1"],
+                                                         "are different architectures"),
+    "attack-search: an inverted range": Case("attack-search", lambda i: [
+        _recipe(i), "--space", "lr=1e-2:1e-4", *_RUNS(i)], "is inverted"),
+    "attack-search: an empty range": Case("attack-search", lambda i: [
+        _recipe(i), "--space", "steps=", *_RUNS(i)], "--space takes KNOB=LOW:HIGH"),
+    "attack-search: a budget of 0 trials": Case("attack-search", lambda i: [
+        _recipe(i), "--trials", "0", *_RUNS(i)], "trials must be an integer >= 1"),
+    "attack-search: a budget of 0 minutes": Case("attack-search", lambda i: [
+        _recipe(i), "--minutes", "0", *_RUNS(i)], "minutes must be a number of minutes > 0"),
+    "attack-search: an unknown knob": Case("attack-search", lambda i: [
+        _recipe(i), "--space", "momentum=0.1:0.9", *_RUNS(i)], "does not search 'momentum'"),
+    "attack-search: an unknown attack": Case("attack-search", lambda i: [
+        _recipe(i), "--attack", "nope", *_RUNS(i)], "unknown attack 'nope'"),
+    "attack-search: an unknown model": Case("attack-search", lambda i: ["nope", *_RUNS(i)], "unknown model 'nope'"),
+    "attack-search: a missing recipe": Case("attack-search", lambda i: [
+        str(i.path("missing.yaml")), *_RUNS(i)], "recipe file does not exist"),
     "run: every evaluation limit 0": Case("run", lambda i: [
         _recipe(i), "evaluate.hs_limit=0", "evaluate.fa_limit=0", "evaluate.or_limit=0", *_RUNS(i)],
         "nothing to evaluate"),

@@ -552,6 +552,17 @@ def save_adapter(peft_model, path: Path, settings: LoraSettings) -> None:
     (Path(path) / "ftsafety_adapter.json").write_text(json.dumps(meta, indent=2))
 
 
+def save_full_model(model, tokenizer, path: Path) -> None:
+    """A full-parameter fine-tune's weights (safetensors) and tokenizer: a model directory of its own."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def full_model_manifest(final_run_dir: Path, extra: dict) -> dict:
+    """The manifest of a full-parameter run: its own `model/` is the base, no adapter on top."""
+    return {"base_model": str((final_run_dir / "model").resolve()), "base_relpath": "model", "adapters": [], **extra}
+
+
 def run_manifest(parent: ModelSpec, adapter_dir: Path, final_run_dir: Path, extra: dict) -> dict:
     """The manifest a training stage writes: parent chain + its own adapter."""
     chain = [

@@ -90,6 +90,9 @@ class FinetuneBase:
     continue_adapter: bool = knob(False, "Train the parent's LoRA adapter further instead of a new LoRA on the merged "
                                          "model (Booster's --alternating single_lora); --lora-* are then the "
                                          "adapter's own.", flags=("--continue-adapter",), key_when_set=True)
+    full_parameter: bool = knob(False, "Train every weight of the merged model instead of a LoRA (the full-parameter "
+                                       "attack; plain fine-tune only; the run holds the whole model).",
+                                flags=("--full-parameter",), key_when_set=True)
     train: TrainConfig = knob(factory=lambda: TrainConfig(epochs=1.0, lr=1e-4, scheduler="constant",
                                                           weight_decay=0.0))
     lora: LoraSettings = knob(factory=LoraSettings)
@@ -103,6 +106,11 @@ class FinetuneBase:
         self.harmful_ratio += 0.0  # -0.0 is 0.0 (one cache key, one record)
         if self.n < 1:
             raise FtsafetyError(f"number of fine-tuning samples n must be >= 1 (--n / finetune.n), got {self.n}")
+        if self.full_parameter and self.method != PLAIN:
+            raise FtsafetyError(f"full-parameter fine-tuning is the plain fine-tune's (method {PLAIN}), not "
+                                f"{self.method}'s")
+        if self.full_parameter and self.continue_adapter:
+            raise FtsafetyError("--full-parameter trains every weight; --continue-adapter trains a LoRA: pick one")
 
     resolved = _resolved
 
@@ -193,7 +201,8 @@ def _training_stage(kind: str, st, parent: str, out, c: Common, resume: bool, ex
     return _train(setup, stage=_name(kind, st.method), parent=parent, examples=examples(), out_dir=out,
                   data_cfg=c.data, train_cfg=dataclasses.replace(st.train, seed=c.seed), lora=st.lora,
                   device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code, quiet=c.quiet, resume=resume,
-                  extra_config=record, continue_adapter=getattr(st, "continue_adapter", False))
+                  extra_config=record, continue_adapter=getattr(st, "continue_adapter", False),
+                  full_parameter=getattr(st, "full_parameter", False))
 
 
 def align(st, parent: str, out: str | Path, c: Common, resume: bool = True) -> dict:

@@ -236,6 +236,7 @@ def train_lora(
     resume: bool = False,
     checkpoint_every: int | None = None,
     continue_adapter: bool = False,
+    full_parameter: bool = False,
 ) -> dict:
     """Merge `parent`'s adapters, attach a fresh LoRA, train it on `examples`, write a run directory.
 
@@ -291,6 +292,9 @@ def train_lora(
     }
     if continue_adapter:
         config["continue_adapter"] = True
+    if full_parameter:
+        config["full_parameter"] = True
+        config.pop("lora")
     if not precision.legacy:  # fp32 on CPU / bf16 on CUDA: the fingerprints of the runs made before --dtype
         config["precision"] = precision.record()
     if world > 1:
@@ -313,7 +317,10 @@ def train_lora(
         seed_everything(train_cfg.seed)
         dev = resolve_device(device)
         model, tok, _ = models.load(owner, device=dev, dtype=precision.weights, trust_remote_code=trust_remote_code)
-        if continue_adapter:
+        if full_parameter:
+            for param in model.parameters():
+                param.requires_grad_(True)
+        elif continue_adapter:
             model = models.continue_lora(model, spec.adapters[-1])
         else:
             model = models.attach_lora(model, lora)
@@ -363,7 +370,9 @@ def train_lora(
 
         def write_on_main() -> dict:  # the main process writes; the others wait and return its summary
             def files(tmp: Path) -> None:
-                if fsdp_adapter is None:
+                if full_parameter:
+                    models.save_full_model(model, tok, tmp / "model")
+                elif fsdp_adapter is None:
                     models.save_adapter(model, tmp / "adapter", lora)
                 else:
                     _adapter_from_trainer(fsdp_adapter, tmp / "adapter", model, lora)
@@ -375,7 +384,8 @@ def train_lora(
 
             summary = write_run(
                 final, config=config, results_file="train_results.json", files=files,
-                manifest=lambda tmp: models.run_manifest(spec, tmp / "adapter", final, {"stage": stage}),
+                manifest=lambda tmp: (models.full_model_manifest(final, {"stage": stage}) if full_parameter else
+                                      models.run_manifest(spec, tmp / "adapter", final, {"stage": stage})),
                 results={
                     "stage": stage, "train_loss": train_loss, "steps": result.global_step,
                     "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(steps_now, 1), 4),

@@ -375,6 +375,9 @@ def check_not_input(out: str | os.PathLike, inputs) -> None:
 RUN_FILES: dict[str, tuple[frozenset, frozenset]] = {
     "train": (frozenset({"ftsafety_run.json", "train_results.json", "config.yaml", "adapter"}),
               frozenset({"metrics.jsonl", "logs"})),
+    # a full-parameter fine-tune (--full-parameter) holds its whole model instead of an adapter
+    "train_full": (frozenset({"ftsafety_run.json", "train_results.json", "config.yaml", "model"}),
+                   frozenset({"metrics.jsonl", "logs"})),
     "antidote": (frozenset({"antidote.json", "config.yaml", "mask.safetensors"}),
                  frozenset({"ftsafety_run.json", "adapter", "model"})),
     "rollback": (frozenset({"rollback.json", "config.yaml", "ftsafety_run.json", "model"}), frozenset()),
@@ -395,7 +398,7 @@ def run_kind(path: Path) -> str | None:
         return None
     for kind, (required, optional) in RUN_FILES.items():
         if required <= names and not names - required - optional - {STAGE_MARK}:
-            return kind
+            return "train" if kind == "train_full" else kind
     return None
 
 

@@ -13,7 +13,7 @@ import importlib
 from ftsafety.attacks.base import KNOBS, Attack, Knob
 from ftsafety.errors import FtsafetyError
 
-MODULES: tuple[str, ...] = ("mix", "pure", "benign")
+MODULES: tuple[str, ...] = ("mix", "pure", "benign", "full")
 ATTACKS: dict[str, Attack] = {}
 
 

@@ -79,6 +79,9 @@ def embedding_drift(reference: str, model: str, data_cfg, n: int = 64, batch_siz
     dev = resolve_device(device)
     before, tok, _ = models.load(reference, device=dev, dtype=torch.float32, trust_remote_code=trust_remote_code)
     after, tok_after, _ = models.load(model, device=dev, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if type(before) is not type(after) or before.config.hidden_size != after.config.hidden_size:
+        raise FtsafetyError(f"{reference} ({type(before).__name__}) and {model} ({type(after).__name__}) are different "
+                            "architectures: their hidden states do not compare")
     if tok.get_vocab() != tok_after.get_vocab():
         raise FtsafetyError(f"{reference} and {model} use different tokenizers: their hidden states do not compare")
     examples = D.alignment_examples(data_cfg, n, 0.0, seed)
