@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field

@@ -233,7 +233,8 @@ def post(st, model: str, aligned: str, task: str, out: str | Path, c: Common) ->
 
 
 def evaluate(st: EvalSettings, model: str, task: str, out: str | Path, c: Common) -> dict:
-    from ftsafety.evaluation.evaluate import EvalConfig, evaluate as run_eval
+    from ftsafety.evaluation.evaluate import EvalConfig
+    from ftsafety.evaluation.evaluate import evaluate as run_eval
 
     cfg = EvalConfig(**dataclasses.asdict(st), model=model, data=c.data, task=task, device=c.device, dtype=c.dtype,
                      seed=c.seed,
