@@ -9,7 +9,7 @@ RUNS ?= runs/table-small
 LOCK := src/ftsafety/locked-requirements.txt
 LOCK_TORCH := $(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: install demo test test-latest lock test-slow test-dist test-gpu reproduce-table report judge validate-judge bench bench-eval bench-align bench-lisa bench-post clean
+.PHONY: install demo test test-latest lock test-slow test-dist test-gpu reproduce-table worst-case report judge validate-judge bench bench-eval bench-align bench-lisa bench-post clean
 
 # Every package at its locked release, except an installed torch (a GPU user's CUDA build stays; without one
 # the locked CPU build is installed). `pip install -c` reads the lock as constraints.
@@ -72,6 +72,14 @@ TABLE_OUT = results$(if $(filter small,$(PROFILE)),,/$(PROFILE))
 reproduce-table: install
 	ftsafety run recipes/$(PROFILE)/table.yaml $(TABLE_DATA) $(if $(RATIOS),"table.ratios=$(RATIOS)") --runs runs/table-$(PROFILE) \
 		$(if $(DRY_RUN),--dry-run,--results $(TABLE_OUT))
+
+# The attacker's best shot per defense (ftsafety attack-search; the recipe's attack_search section sets the attack,
+# ranges and budget), then the table again with its HS worst-case column. Trials are cached stages: rerun to resume.
+WORST_ROWS ?= SFT Lisa Rollback Antidote Booster
+worst-case: install
+	for row in $(WORST_ROWS); do ftsafety attack-search recipes/$(PROFILE)/table.yaml $(TABLE_DATA) --row $$row \
+		--runs runs/table-$(PROFILE) -q || exit 1; done
+	ftsafety report runs/table-$(PROFILE) --out $(TABLE_OUT)
 
 # Rebuild results/table.* and the plot from finished runs.
 report:
