@@ -44,11 +44,11 @@ def load_records(runs_dir: str | Path, recipe: str | None = None, judge=None, ec
         recipe = names[0]
     elif recipe not in names:
         raise FtsafetyError(f"{runs_dir}: no records of recipe {recipe!r}; found {', '.join(names)}")
-    records = []
+    records, skipped = [], []
     for path in sorted((root / recipe).glob("*.json")):
         rec = read_json_object(path, "pipeline record")
         if "stages" not in rec and "recipe" not in rec:
-            log.warning("%s: not a pipeline record (no recipe, no stages); skipped", path)
+            skipped.append(path)
             continue
         check_record(path, rec)
         ev = Path(rec["stages"][-1]["dir"])
@@ -61,7 +61,10 @@ def load_records(runs_dir: str | Path, recipe: str | None = None, judge=None, ec
             rec["results"] = {k: res.get(k) for k in RESULT_KEYS}
         records.append(rec)
     if not records:
-        raise FtsafetyError(f"{root / recipe}: no pipeline records")
+        raise FtsafetyError(f"{root / recipe}: no pipeline records"
+                            + (f" ({len(skipped)} JSON file(s) that are not records)" if skipped else ""))
+    for path in skipped:  # beside a table: say what was left out of it
+        log.warning("%s: not a pipeline record (no recipe, no stages); skipped", path)
     records.sort(key=lambda r: (r.get("row_order", 0), r["p"]))
     return recipe, records
 

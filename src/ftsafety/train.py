@@ -56,7 +56,8 @@ class TrainConfig:
     seed: int = knob(42, cli=False)  # the command's --seed
     logging_steps: int = knob(5, cli=False)
     group_by_length: bool = knob(False, "Batches of examples of similar length (less padding; another example "
-                                        "order, so other numbers than without).", key_when_set=True)
+                                        "order, so other numbers than without).", flags=("--group-by-length",),
+                                 key_when_set=True)
     report_to: str = knob("none", "Trainer integrations to log to: none | tensorboard | wandb | ... (comma-separated; "
                                   "metrics.jsonl is always written). Logs go to the run directory's logs/.",
                           key_when_set=True)
