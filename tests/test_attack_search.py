@@ -136,6 +136,7 @@ def test_two_processes_share_one_study_and_run_distinct_trials(recipe, tmp_path)
     (["--attack", "benign", "--space", "p=0.1:0.5"], "does not search 'p'"),
     (["--attack", "nope"], "unknown attack 'nope'"),
     (["--row", "Booster"], "no row 'Booster'"),
+    (["evaluate.fa_limit=0"], "the search needs HS and FA"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(recipe, tmp_path, cli, args, expect):
     runs = tmp_path / "runs"

@@ -138,6 +138,10 @@ class Search:
         base = next(p for p in pipes if p.row == row)
         if base.recipe.finetune.method == "none":
             raise FtsafetyError(f"row {row!r} has no fine-tune stage: there is nothing to attack")
+        ev = base.recipe.evaluate
+        if not ev.hs_limit or not ev.fa_limit:
+            raise FtsafetyError("the search needs HS and FA (evaluate.hs_limit and evaluate.fa_limit > 0): HS is what "
+                                "it maximises, FA what keeps an attack useful")
         self.recipe = recipe
         self.identity = {"model": base.recipe.model, "recipe": recipe.name, "row": row, "attack": self.attack.name,
                          "space": cfg.space, "judge": base.recipe.evaluate.judge, "task": base.recipe.finetune.task,
@@ -201,9 +205,6 @@ class Search:
         """The row fine-tuned benignly with the recipe's own settings (p = 0): the FA an attack must keep."""
         pipe = self._pipeline({"finetune.harmful_ratio": 0.0})
         res = self._run(pipe)
-        if res.get("fa") is None:
-            raise FtsafetyError("the search needs FA (evaluate.fa_limit > 0 and a task): it is what keeps an attack "
-                                "useful")
         return {"fa": res["fa"], "fa_n": res.get("fa_n"), "hs": res.get("hs"), "hs_n": res.get("hs_n")}
 
     # -- the loop ------------------------------------------------------------------------------------
