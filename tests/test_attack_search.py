@@ -154,6 +154,18 @@ def test_a_study_file_of_another_model_is_refused(recipe, tmp_path, cli):
     assert (runs / "attack-search" / "as-test-mix.db").read_bytes() == before
 
 
+def test_a_trial_that_fails_is_recorded_and_the_search_goes_on(recipe, tmp_path, cli):
+    """A setting that fails in one line (n = 1 at p = 0.5 leaves no example) fails its own trial only."""
+    runs = tmp_path / "runs"
+    r = cli("attack-search", str(recipe), "finetune.n=1", "--runs", str(runs), "-q", "--trials", "2",
+            "--space", "p=0.5:0.5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("failed (") == 2 and "worst case: none" in r.stdout
+    s = json.loads((runs / "attack-search" / "as-test-mix.json").read_text())
+    assert s["trials"] == [] and [f["number"] for f in s["failed"]] == [0, 1]
+    assert "gives no examples" in s["failed"][0]["error"]
+
+
 def test_search_config_checks_its_section():
     from ftsafety.attack_search import SearchConfig
 

@@ -210,8 +210,18 @@ class Search:
     # -- the loop ------------------------------------------------------------------------------------
 
     def _evaluate(self, study, number: int, params: dict, ref: dict) -> None:
-        pipe = self._pipeline(self.attack.overrides(params))
-        res = self._run(pipe)
+        """Run trial `number` and tell the study its HS; a trial whose settings fail in one line (a fine-tune that
+        diverged at a high lr, a mix with no example) is told as failed, with its reason, and the search goes on."""
+        optuna = _optuna()
+        try:
+            pipe = self._pipeline(self.attack.overrides(params))
+            res = self._run(pipe)
+        except FtsafetyError as exc:
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            study._storage.set_trial_user_attr(trial_id, "error", str(exc)[:500])
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            self.echo(f"trial {number}: failed ({str(exc)[:160]})")
+            return
         fa, hs = res.get("fa"), res.get("hs")
         floor = ref["fa"] - self.cfg.fa_drop
         feasible = fa is not None and fa >= floor
@@ -294,8 +304,10 @@ def summarise(study, identity: dict, ref: dict) -> dict:
     highest HS, with its 95% interval."""
     from ftsafety.evaluation.stats import wilson
 
-    trials = []
+    trials, failed = [], []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "FAIL":
+            failed.append({"number": t.number, "params": t.params, "error": t.user_attrs.get("error", "")})
         if t.state.name != "COMPLETE":
             continue
         a = t.user_attrs
@@ -307,7 +319,7 @@ def summarise(study, identity: dict, ref: dict) -> dict:
         k = round(worst["hs"] * worst["hs_n"] / 100)
         worst = {**worst, "hs_ci": [round(100 * x, 1) for x in wilson(k, worst["hs_n"])]}
     return {"identity": identity, "reference": ref, "trials": trials, "worst_case": worst,
-            "feasible": len(feasible), "infeasible": len(trials) - len(feasible)}
+            "feasible": len(feasible), "infeasible": len(trials) - len(feasible), "failed": failed}
 
 
 def plot_trials(summary: dict, path: Path) -> bool:
