@@ -112,6 +112,29 @@ def test_the_report_gains_a_worst_case_column(recipe, tmp_path, cli):
     assert "hs_worst_case" in (tmp_path / "res" / "table.csv").read_text().splitlines()[0]
 
 
+def test_a_trial_killed_between_two_knobs_is_completed_as_an_uninterrupted_run_draws_it(recipe, tmp_path):
+    import socket
+
+    from ftsafety.attack_search import Search, SearchConfig, _suggest
+    from ftsafety.pipeline import load_recipe
+
+    cfg = load_recipe(recipe)[0].attack_search
+    whole = Search(recipe, "as-test", tmp_path / "a", SearchConfig(**{**cfg.__dict__, "trials": 2}), quiet=True,
+                   echo=lambda *a: None).run()
+    search = Search(recipe, "as-test", tmp_path / "b", SearchConfig(**{**cfg.__dict__, "trials": 2}), quiet=True,
+                    echo=lambda *a: None)
+    study = search.study()
+    trial = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": dead.pid})
+    first = {"lr": search.cfg.space["lr"]}  # the process died after drawing the first knob only
+    _suggest(study, trial, first, lambda i: search._sampler(trial.number, i))
+    assert set(study.trials[0].params) == {"lr"}
+    resumed = search.run()
+    assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in whole["trials"]]
+
+
 def test_two_processes_share_one_study_and_run_distinct_trials(recipe, tmp_path):
     runs = tmp_path / "shared"
     args = (recipe, "--runs", runs, "--trials", "4")

@@ -87,11 +87,15 @@ def _optuna():
     return optuna
 
 
-def _suggest(trial, space: dict[str, list], attack) -> dict[str, Any]:
+def _suggest(study, trial, space: dict[str, list], sampler_for: Callable[[int], Any]) -> dict[str, Any]:
+    """Every knob of `trial`, each drawn by a sampler of its own (`sampler_for(knob index)`), so a knob's value
+    does not depend on how many were drawn before it: a trial killed between two knobs is completed, on
+    resume, with the values an uninterrupted run would have drawn (a knob already stored is kept)."""
     from ftsafety.attacks import KNOBS
 
     params = {}
-    for name, rng in space.items():
+    for index, (name, rng) in enumerate(space.items()):
+        study.sampler = sampler_for(index)
         kind = KNOBS[name].kind
         if kind == "choice":
             params[name] = trial.suggest_categorical(name, rng)
@@ -175,13 +179,13 @@ class Search:
                                 "folder or delete the file")
         return study
 
-    def _sampler(self, number: int):
+    def _sampler(self, number: int, knob: int = 0):
         optuna = _optuna()
 
         def constraints(ft):
             return [float(ft.user_attrs.get("constraint", 0.0))]
 
-        return optuna.samplers.TPESampler(seed=(self.cfg.seed * 1_000_003 + number) % 2**32,
+        return optuna.samplers.TPESampler(seed=(self.cfg.seed * 1_000_003 + number * 101 + knob) % 2**32,
                                           n_startup_trials=self.cfg.startup_trials, constraints_func=constraints)
 
     # -- one pipeline --------------------------------------------------------------------------------
@@ -250,7 +254,11 @@ class Search:
                 trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
                 study._storage.set_trial_user_attr(trial_id, "owner", _owner())
                 self.echo(f"trial {t.number}: resuming (its process is gone)")
-                self._evaluate(study, t.number, t.params, ref)
+                params = t.params
+                if set(params) != set(self.cfg.space):  # killed while its knobs were drawn: complete them
+                    params = _suggest(study, optuna.trial.Trial(study, trial_id), self.cfg.space,
+                                      lambda i, n=t.number: self._sampler(n, i))
+                self._evaluate(study, t.number, params, ref)
                 continue
             if len(study.get_trials(deepcopy=False)) >= self.cfg.trials:
                 break
@@ -261,9 +269,8 @@ class Search:
             if trial.number >= self.cfg.trials:  # another process took the last one meanwhile
                 study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
                 break
-            study.sampler = self._sampler(trial.number)
             trial.set_user_attr("owner", _owner())
-            params = _suggest(trial, self.cfg.space, self.attack)
+            params = _suggest(study, trial, self.cfg.space, lambda i, n=trial.number: self._sampler(n, i))
             self.echo(f"trial {trial.number} of {self.cfg.trials}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}")
             self._evaluate(study, trial.number, params, ref)
         waiting = False
