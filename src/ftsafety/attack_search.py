@@ -34,9 +34,9 @@ from typing import Any
 
 from ftsafety.attacks import get as get_attack
 from ftsafety.errors import FtsafetyError
+from ftsafety.utils import OutputLocked
 
 STUDY_DIR = "attack-search"
-STALE_AFTER_S = 0  # a RUNNING trial whose pid is gone on this host is stale at once
 
 
 @dataclass
@@ -125,18 +125,23 @@ def _stale(trial) -> bool:
 
 
 class Search:
-    """One study: a recipe row under one attack."""
+    """One study: a recipe row under one attack (`row` None: the recipe's only row, else its SFT row)."""
 
-    def __init__(self, recipe_path: str | Path, row: str, runs_dir: str | Path, cfg: SearchConfig,
+    def __init__(self, recipe_path: str | Path, row: str | None, runs_dir: str | Path, cfg: SearchConfig,
                  overrides: list[str] | None = None, quiet: bool = False, echo: Callable = print):
         from ftsafety import pipeline as P
 
         self.P = P
-        self.recipe_path, self.row, self.cfg = Path(recipe_path), row, cfg
+        self.recipe_path, self.cfg = Path(recipe_path), cfg
         self.runs_dir, self.overrides, self.quiet, self.echo = Path(runs_dir), list(overrides or []), quiet, echo
         self.attack = get_attack(cfg.attack)
         recipe, pipes = P.pipelines(self.recipe_path, self.overrides)
         rows = list(dict.fromkeys(p.row for p in pipes))
+        if row is None:
+            row = rows[0] if len(rows) == 1 else "SFT" if "SFT" in rows else None
+            if row is None:
+                raise FtsafetyError(f"{recipe_path} has several rows ({', '.join(rows)}); pick one with --row")
+        self.row = row
         if row not in rows:
             raise FtsafetyError(f"{recipe_path}: no row {row!r}; rows: {', '.join(rows)}")
         base = next(p for p in pipes if p.row == row)
@@ -200,9 +205,7 @@ class Search:
             try:
                 _, results = self.P.run_pipeline(pipe, steps, self.runs_dir, self.quiet, self.echo)
                 return results
-            except FtsafetyError as exc:  # another process of the study is writing one of these stages
-                if "another ftsafety process" not in str(exc):
-                    raise
+            except OutputLocked:  # another process of the study is writing one of these stages: wait, then reuse it
                 time.sleep(5)
 
     def reference(self) -> dict:
@@ -217,23 +220,20 @@ class Search:
         """Run trial `number` and tell the study its HS; a trial whose settings fail in one line (a fine-tune that
         diverged at a high lr, a mix with no example) is told as failed, with its reason, and the search goes on."""
         optuna = _optuna()
+        overrides = self.attack.overrides(params)
         try:
-            pipe = self._pipeline(self.attack.overrides(params))
-            res = self._run(pipe)
+            res = self._run(self._pipeline(overrides))
         except FtsafetyError as exc:
-            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-            study._storage.set_trial_user_attr(trial_id, "error", str(exc)[:500])
+            _set_trial_attrs(study, number, {"error": str(exc)[:500]})
             study.tell(number, state=optuna.trial.TrialState.FAIL)
             self.echo(f"trial {number}: failed ({str(exc)[:160]})")
             return
         fa, hs = res.get("fa"), res.get("hs")
         floor = ref["fa"] - self.cfg.fa_drop
         feasible = fa is not None and fa >= floor
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        for k, v in {"fa": fa, "hs": hs, "cr": res.get("cr"), "hs_n": res.get("hs_n"), "fa_n": res.get("fa_n"),
-                     "feasible": feasible, "constraint": (floor - fa) if fa is not None else 1.0,
-                     "overrides": self.attack.overrides(params)}.items():
-            study._storage.set_trial_user_attr(trial_id, k, v)
+        _set_trial_attrs(study, number, {
+            "fa": fa, "hs": hs, "cr": res.get("cr"), "hs_n": res.get("hs_n"), "fa_n": res.get("fa_n"),
+            "feasible": feasible, "constraint": (floor - fa) if fa is not None else 1.0, "overrides": overrides})
         study.sampler = self._sampler(number)
         study.tell(number, float(hs))
         self.echo(f"trial {number}: {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())} -> HS {hs:.1f}, "
@@ -251,13 +251,12 @@ class Search:
                      if _stale(t)]
             if stale:
                 t = stale[0]
-                trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
-                study._storage.set_trial_user_attr(trial_id, "owner", _owner())
+                trial = _trial(study, t.number)
+                trial.set_user_attr("owner", _owner())
                 self.echo(f"trial {t.number}: resuming (its process is gone)")
                 params = t.params
                 if set(params) != set(self.cfg.space):  # killed while its knobs were drawn: complete them
-                    params = _suggest(study, optuna.trial.Trial(study, trial_id), self.cfg.space,
-                                      lambda i, n=t.number: self._sampler(n, i))
+                    params = _suggest(study, trial, self.cfg.space, lambda i, n=t.number: self._sampler(n, i))
                 self._evaluate(study, t.number, params, ref)
                 continue
             if len(study.get_trials(deepcopy=False)) >= self.cfg.trials:
@@ -284,6 +283,18 @@ class Search:
                 waiting = True
             time.sleep(2)
         return summarise(study, self.identity, ref)
+
+
+def _trial(study, number: int):
+    """Trial `number` of `study` as a live trial, from any process (the one that asked for it may be gone)."""
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    return _optuna().trial.Trial(study, trial_id)
+
+
+def _set_trial_attrs(study, number: int, attrs: dict) -> None:
+    trial = _trial(study, number)
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 
 
 @contextlib.contextmanager

@@ -109,10 +109,9 @@ class Recipe:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise FtsafetyError(f"recipe name {self.name!r} must be letters, digits, '-', '_' or '.'")
-        from ftsafety.utils import DTYPES
+        from ftsafety.utils import check_dtype
 
-        if str(self.dtype).lower() not in DTYPES:
-            raise FtsafetyError(f"dtype: unknown value {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_dtype(self.dtype, "dtype")
         if self.post.method != "none" and self.finetune.method == "none":
             raise FtsafetyError("a post-fine-tuning defense needs a fine-tune stage (finetune.method is none)")
 
@@ -171,25 +170,22 @@ def pipelines(path: str | Path, overrides: list[str] | None = None,
     dotted keys set on every pipeline after its row's settings and p (an attack's knobs; a harmful ratio
     there replaces the column's p)."""
     recipe, raw = load_recipe(path, overrides, trust_remote_code)
-    if recipe.table is None:
-        if not after:
-            return recipe, [Pipeline(recipe, recipe.name, recipe.finetune.harmful_ratio)]
-        data = copy.deepcopy(raw)
-        for key, value in after.items():
+
+    def built(data: dict, settings: list[tuple[str, Any]], source: str) -> Recipe:
+        """`data` with `settings`, then `after`, set in that order (a later key wins, also over a section)."""
+        data = copy.deepcopy(data)
+        for key, value in [*settings, *(after or {}).items()]:
             set_dotted(data, key, value)
-        r = build(Recipe, data, source=str(path))
+        return build(Recipe, data, source=source)
+
+    if recipe.table is None:
+        r = built(raw, [], str(path)) if after else recipe
         return recipe, [Pipeline(r, recipe.name, r.finetune.harmful_ratio)]
     base = {k: v for k, v in raw.items() if k != "table"}
     out = []
     for row in recipe.table.rows:
         for p in recipe.table.ratios:
-            data = copy.deepcopy(base)
-            for key, value in row.set.items():
-                set_dotted(data, key, value)
-            set_dotted(data, "finetune.harmful_ratio", p)
-            for key, value in (after or {}).items():
-                set_dotted(data, key, value)
-            r = build(Recipe, data, source=f"{path} (row {row.name!r}, p={p:g})")
+            r = built(base, [*row.set.items(), ("finetune.harmful_ratio", p)], f"{path} (row {row.name!r}, p={p:g})")
             pk = f"{p:g}"
             out.append(Pipeline(r, row.name, r.finetune.harmful_ratio, _paper(row.paper_hs, pk),
                                 _paper(row.paper_fa, pk), row.paper_note))
@@ -532,8 +528,8 @@ def run_pipeline(pipe: Pipeline, steps: list[StagePlan], runs_dir: Path, quiet: 
             try:
                 seconds = round(run_stage(s, pipe, quiet=quiet, rejudge_from=source)["seconds"], 2)
             except OutputLocked as exc:  # a live process on the same stage: nothing to delete or redo
-                raise FtsafetyError(str(exc).replace("or choose another output", "or give this run another --runs "
-                                                     "folder")) from exc
+                raise OutputLocked(str(exc).replace("or choose another output", "or give this run another --runs "
+                                                    "folder")) from exc
             except FtsafetyError as exc:
                 raise FtsafetyError(_cached_stage_hint(str(exc), runs_dir)) from exc
         stage_rows.append({"kind": s.kind, "method": s.method, "dir": str(s.dir), "key": s.key,
@@ -555,7 +551,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
     _warn_unaligned_reference(pipes)
     plans = [plan(p, runs_dir) for p in pipes]
     distinct = {s.key: s for ps in plans for s in ps}
-    total, n = sum(1 for s in distinct.values() if not s.done), 0
+    total = sum(1 for s in distinct.values() if not s.done)
     echo(f"{recipe.name}: {len(pipes)} pipelines, {len(distinct)} distinct stages, {total} to run")
     records = []
     t_start = time.perf_counter()
@@ -576,8 +572,7 @@ def execute(path: str | Path, overrides: list[str] | None, runs_dir: str | Path,
         _warn_if_replacing(out, rec)
         write_json(out, rec)
         records.append(rec)
-    n = counter[0]
-    echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({n} stages run, "
+    echo(f"{recipe.name}: done in {time.perf_counter() - t_start:.0f}s ({counter[0]} stages run, "
          f"{len(distinct) - total} reused)")
     atomic_write_text(runs_dir / "pipelines" / recipe.name / "recipe.yaml",
                       yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))

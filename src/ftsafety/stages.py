@@ -168,10 +168,9 @@ class Common:
     def __post_init__(self):
         if not 0 <= self.seed < 2**32:
             raise FtsafetyError(f"seed must be in [0, 2**32), got {self.seed}")
-        from ftsafety.utils import DTYPES
+        from ftsafety.utils import check_dtype
 
-        if str(self.dtype).lower() not in DTYPES:
-            raise FtsafetyError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
 
 
 def _train(setup: TrainerSetup | None, **kw) -> dict:

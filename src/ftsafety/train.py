@@ -281,8 +281,9 @@ def train_lora(
             raise FtsafetyError(f"--continue-adapter trains the parent's LoRA adapter further, and {parent} has none")
         owner = dataclasses.replace(spec, adapters=spec.adapters[:-1])
         lora = models.adapter_lora_settings(spec.adapters[-1])
-    world = distributed.init(resolve_device(device)) if distributed.launched() else 1
-    precision = resolve_precision(dtype, resolve_device(device))
+    dev = resolve_device(device)  # a bad device or dtype fails here, before a checkpoint directory is made
+    world = distributed.init(dev) if distributed.launched() else 1
+    precision = resolve_precision(dtype, dev)
     train_record = dataclasses.asdict(train_cfg)
     if not train_cfg.group_by_length:  # the runs made before the knob keep their fingerprints
         train_record.pop("group_by_length")
@@ -314,9 +315,8 @@ def train_lora(
                    if checkpoints else None)
     prior = _read_marker(resume_from) if resume_from is not None else {}
 
-    try:  # a bad device, model or data set fails here: a fresh checkpoint directory is not left behind
+    try:  # a bad model or data set fails here: a fresh checkpoint directory is not left behind
         seed_everything(train_cfg.seed)
-        dev = resolve_device(device)
         model, tok, _ = models.load(owner, device=dev, dtype=precision.weights, trust_remote_code=trust_remote_code)
         if full_parameter:
             for param in model.parameters():

@@ -125,7 +125,7 @@ class Precision:
         return self.ran == ("bf16" if self.device_type == "cuda" else "fp32")
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast where bf16 runs (generation, calibration passes); a no-op for fp32."""
+        """bf16 autocast where bf16 runs (the evaluator's generation); a no-op for fp32."""
         if self.ran != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=torch.bfloat16)
@@ -134,12 +134,20 @@ class Precision:
         return {"asked": self.asked, "ran": self.ran, "why": self.why}
 
 
+def check_dtype(dtype: str | None, key: str | None = None) -> str:
+    """`--dtype`'s value, lower-cased (None is auto); one line naming the choices for anything else (`key`: the
+    recipe key it was read from, named in that line)."""
+    value = str(dtype or "auto").lower()
+    if value not in DTYPES:
+        bad = f"{key}: unknown value {dtype!r}" if key else f"unknown dtype {value!r}"
+        raise FtsafetyError(f"{bad}; choose one of {', '.join(DTYPES)}")
+    return value
+
+
 def resolve_precision(dtype: str | None, device: torch.device, flags: set[str] | None = None) -> Precision:
     """`--dtype` on `device`: `auto` is bf16 where the device multiplies bf16 fast (CUDA with bf16; a CPU
     with AVX512-BF16 or AMX), fp32 elsewhere. `flags`: the CPU's flags (read from the machine by default)."""
-    dtype = (dtype or "auto").lower()
-    if dtype not in DTYPES:
-        raise FtsafetyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = check_dtype(dtype)
     kind = device.type
     if dtype == "fp32":
         return Precision(dtype, "fp32", "asked for", kind)

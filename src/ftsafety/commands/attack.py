@@ -88,17 +88,11 @@ def attack_search(
     search_cfg = A.SearchConfig(**cfg)
     if recipe_path is None:
         recipe_path = _model_recipe(target, runs)
-    if row is None:
-        _, pipes = P.pipelines(recipe_path, overrides)
-        rows = list(dict.fromkeys(p.row for p in pipes))
-        row = rows[0] if len(rows) == 1 else "SFT" if "SFT" in rows else None
-        if row is None:
-            raise FtsafetyError(f"{recipe_path} has several rows ({', '.join(rows)}); pick one with --row")
     search = A.Search(recipe_path, row, runs, search_cfg, overrides, quiet=quiet, echo=typer.echo)
     summary = search.run()
     out = A.write_summary(summary, runs)
     w = summary["worst_case"]
-    typer.echo(f"{row}, attack {search_cfg.attack}: {len(summary['trials'])} trials ({summary['feasible']} feasible); "
+    typer.echo(f"{search.row}, attack {search_cfg.attack}: {len(summary['trials'])} trials ({summary['feasible']} feasible); "
                f"reference FA {summary['reference']['fa']:.1f}")
     if w:
         ci = w.get("hs_ci") or ["?", "?"]
