@@ -77,11 +77,28 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def fixed_batches(tok, data: str, batch_size: int, max_length: int, match: bool = True):
+    """The benches' fixed batches: one alignment batch (30% benign) and one harmful calibration batch, cut to
+    the alignment batch's length when `match` (the same tokens per pass). Returns (collator, alignment
+    dataset, harmful dataset, batch, harmful batch)."""
+    from ftsafety import data as D
+
+    dcfg = D.DataConfig(data=data, max_length=max_length)
+    collate = D.Collator(tok.pad_token_id)
+    align = D.SFTDataset(D.alignment_examples(dcfg, batch_size, 0.3, seed=0), tok, dcfg)
+    harm_ds = D.SFTDataset(D.harmful_examples(dcfg, "calibration")[:batch_size], tok, dcfg)
+    batch = collate([align[i] for i in range(len(align))])
+    harmful = collate([harm_ds[i] for i in range(len(harm_ds))])
+    width = batch["input_ids"].shape[1]
+    if match and harmful["input_ids"].shape[1] > width:
+        harmful = {k: v[:, :width] for k, v in harmful.items()}
+    return collate, align, harm_ds, batch, harmful
+
+
 class Bench:
     """The shared model (fresh LoRA), the fixed batches, and one trainer + optimizer + LoRA state per method."""
 
     def __init__(self, args):
-        from ftsafety import data as D
         from ftsafety import models
         from ftsafety.utils import resolve_device, seed_everything
 
@@ -92,19 +109,8 @@ class Bench:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.init = [p.detach().clone() for p in self.params]
-        dcfg = D.DataConfig(data=args.data, max_length=args.max_length)
-        self.collate = D.Collator(self.tok.pad_token_id)
-        align = D.SFTDataset(D.alignment_examples(dcfg, args.batch_size, 0.3, seed=0), self.tok, dcfg)
-        self.harm_ds = D.SFTDataset(
-            D.harmful_examples(dcfg, "calibration")[: args.batch_size], self.tok, dcfg
-        )
-        self.batch = self.collate([align[i] for i in range(len(align))])
-        self.harmful = self.collate([self.harm_ds[i] for i in range(len(self.harm_ds))])
-        width = self.batch["input_ids"].shape[1]
-        if args.harmful_length == "match" and self.harmful["input_ids"].shape[1] > width:
-            self.harmful = {
-                k: v[:, :width] for k, v in self.harmful.items()
-            }  # same tokens per pass as `batch`
+        self.collate, _, self.harm_ds, self.batch, self.harmful = fixed_batches(
+            self.tok, args.data, args.batch_size, args.max_length, match=args.harmful_length == "match")
         self.runners: dict[str, dict] = {}
 
     def runner(self, method: str) -> dict:

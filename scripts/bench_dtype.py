@@ -64,7 +64,8 @@ class _Side:
     """One arithmetic: its own model (fresh LoRA, same seed), batches and one trainer per method."""
 
     def __init__(self, dtype: str, model: str, data: str, batch_size: int, max_length: int, dev):
-        from ftsafety import data as D
+        from bench_alignment import fixed_batches
+
         from ftsafety import models
         from ftsafety.defenses.booster import BoosterTrainer
         from ftsafety.defenses.lisa import LisaConfig, LisaTrainer
@@ -79,14 +80,7 @@ class _Side:
         net, tok, _ = models.load(model, device=dev, dtype=self.precision.weights)
         net = models.attach_lora(net, models.LoraSettings())
         net.train()
-        dcfg = D.DataConfig(data=data, max_length=max_length)
-        collate = D.Collator(tok.pad_token_id)
-        align = D.SFTDataset(D.alignment_examples(dcfg, batch_size, 0.3, seed=0), tok, dcfg)
-        harm = D.SFTDataset(D.harmful_examples(dcfg, "calibration")[:batch_size], tok, dcfg)
-        self.batch = collate([align[i] for i in range(len(align))])
-        harmful = collate([harm[i] for i in range(len(harm))])
-        width = self.batch["input_ids"].shape[1]
-        harmful = {k: v[:, :width] for k, v in harmful.items()}
+        collate, align, harm, self.batch, harmful = fixed_batches(tok, data, batch_size, max_length)
         tcfg = TrainConfig(max_steps=1000, batch_size=batch_size, lr=1e-4, scheduler="constant", warmup_ratio=0.0,
                            weight_decay=0.0, logging_steps=10**6, seed=0)
         specs = {
