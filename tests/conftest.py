@@ -15,6 +15,38 @@ import torch
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """The module `scripts/<name>.py` (scripts/ is not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_recipe(name: str, hs_limit: int, tail: str = "") -> str:
+    """A tiny-llama recipe: SFT alignment and fine-tune of 2 steps on 8 examples, the keyword judge on `hs_limit`
+    harmful prompts and 4 SST-2 items; `tail` adds sections (a table, attack_search)."""
+    return f"""# Reproduces: nothing (a test)
+name: {name}
+model: tiny-llama
+data: builtin
+max_length: 48
+align:
+  method: sft
+  n: 8
+  train: {{max_steps: 2, batch_size: 4, lr: 1.0e-3}}
+finetune:
+  method: sft
+  n: 8
+  train: {{max_steps: 2, batch_size: 4, lr: 1.0e-3}}
+evaluate: {{judge: keyword, hs_limit: {hs_limit}, fa_limit: 4, or_limit: 0, batch_size: {hs_limit}, max_new_tokens: 3,
+           fa_max_new_tokens: 2}}
+{tail}"""
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -12,29 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 
 from ftsafety.attacks import ATTACKS, get
 from ftsafety.errors import FtsafetyError
 
-RECIPE = """# Reproduces: nothing (attack-search tests)
-name: as-test
-model: tiny-llama
-data: builtin
-max_length: 48
-align:
-  method: sft
-  n: 8
-  train: {max_steps: 2, batch_size: 4, lr: 1.0e-3}
-finetune:
-  method: sft
-  n: 8
-  train: {max_steps: 2, batch_size: 4, lr: 1.0e-3}
-evaluate: {judge: keyword, hs_limit: 4, fa_limit: 4, or_limit: 0, batch_size: 4, max_new_tokens: 3, fa_max_new_tokens: 2}
-attack_search:
+RECIPE = tiny_recipe("as-test", hs_limit=4, tail="""attack_search:
   trials: 3
   startup_trials: 1
   space: {lr: [1.0e-4, 1.0e-2], steps: [1, 3], p: [0.25, 0.75], lora_r: [2, 4]}
-"""
+""")
 
 
 @pytest.fixture

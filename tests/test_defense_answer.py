@@ -3,42 +3,23 @@ drift of each fine-tune and the loss curves, from a table's runs (tiny-llama).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script, tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = """# Reproduces: nothing (a test)
-name: answer-test
-model: tiny-llama
-data: builtin
-max_length: 48
-align:
-  method: sft
-  n: 8
-  train: {max_steps: 2, batch_size: 4, lr: 1.0e-3}
-finetune:
-  method: sft
-  n: 8
-  train: {max_steps: 2, batch_size: 4, lr: 1.0e-3}
-evaluate: {judge: keyword, hs_limit: 6, fa_limit: 4, or_limit: 0, batch_size: 6, max_new_tokens: 3, fa_max_new_tokens: 2}
-table:
+RECIPE = tiny_recipe("answer-test", hs_limit=6, tail="""table:
   ratios: [0.0, 0.5]
   rows:
     - name: SFT
     - name: Vaccine
       set: {align.method: vaccine}
-"""
+""")
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("defense_answer", ROOT / "scripts" / "defense_answer.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+    return load_script("defense_answer")
 
 
 def test_answer_from_a_tiny_table(mod, tmp_path, cli, capsys):

@@ -1,21 +1,15 @@
 """`scripts/fa_heldout.py` end to end on tiny-llama: the items after --skip are scored, and the figures
 written agree with themselves (per-label counts add up to n; the interval holds FA)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fa_heldout.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def fa_heldout():
-    spec = importlib.util.spec_from_file_location("fa_heldout", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fa_heldout")
 
 
 def test_scores_the_items_after_skip(fa_heldout, tmp_path, capsys):

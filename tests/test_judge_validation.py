@@ -4,11 +4,11 @@ results/judge-validation.json report are recomputed here from the committed labe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from ftsafety.evaluation import learned as L
 from ftsafety.evaluation.judge_train import load_labels
@@ -20,10 +20,7 @@ COMMITTED = ROOT / "results" / "judge-validation.json"
 
 @pytest.fixture(scope="module")
 def validate():
-    spec = importlib.util.spec_from_file_location("validate_judge", ROOT / "scripts" / "validate_judge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("validate_judge")
 
 
 @pytest.fixture(scope="module")
